@@ -1,0 +1,57 @@
+"""`calq`: a thin command-line layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from quant.cache import CalqError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from quant.pipeline import run
+    from quant.recipe import load_recipe
+
+    result = run(load_recipe(args.recipe), args.out)
+    print((result.run_dir / "report.md").read_text())
+    for r in result.gates.results:
+        print(r.line())
+    print(f"report: {result.run_dir / 'report.md'}")
+    return 0 if result.gates.passed or not args.enforce_gates else 1
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from quant.gate import GateReport
+
+    path = Path(args.run_dir)
+    report = GateReport.load(path / "gate.json" if path.is_dir() else path)
+    for r in report.results:
+        print(r.line())
+    print(f"gate: {'PASS' if report.passed else 'FAIL'} ({sum(r.passed for r in report.results)}/{len(report.results)})")
+    return 0 if report.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="calq", description="Calibration-aware post-training quantization for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a recipe end to end (select, stats, quantize, evaluate, gate, report)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/default.yaml")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: the recipe's `output`)")
+    p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a gate fails")
+    p.set_defaults(fn=_run)
+    p = sub.add_parser("gate", help="print the gate verdict of a run; exit 0 if every gate passed, else 1")
+    p.add_argument("run_dir", help="a run directory (or its gate.json)")
+    p.set_defaults(fn=_gate)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except CalqError as err:
+        print(f"calq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The whole job a recipe describes: select -> stats -> quantize -> evaluate -> gate -> report.
+
+Slow stages (sample selection, activation statistics) cache their artifacts in the run directory
+with a fingerprint of the recipe sections they depend on: a rerun after an interruption resumes from
+them, and a changed recipe recomputes them. Every artifact is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file, save_model
+
+from quant.cache import atomic_path
+from quant.calibration import Sample, Selection, select_samples
+from quant.evaluate import ModelEval, evaluate
+from quant.gate import GateReport, check_gates
+from quant.models import load_model
+from quant.quantize import QuantizeResult, quantize
+from quant.recipe import Recipe
+from quant.report import write_report
+from quant.stats import ActivationStats, collect_stats
+
+log = logging.getLogger(__name__)
+REFERENCE = "fp"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    selection: Selection
+    stats: ActivationStats
+    variants: dict[str, QuantizeResult]
+    evals: dict[str, ModelEval]
+    gates: GateReport
+    report: dict
+
+
+def _fingerprint_ok(directory: Path, fingerprint: str) -> bool:
+    stamp = directory / "fingerprint"
+    return stamp.exists() and stamp.read_text().strip() == fingerprint
+
+
+def _selection(recipe: Recipe, tokenizer, directory: Path) -> Selection:
+    fingerprint = recipe.section_hash("model", "calibration")
+    if _fingerprint_ok(directory, fingerprint):
+        manifest = json.loads((directory / "manifest.json").read_text())
+        tensors = load_file(directory / "samples.safetensors")
+        samples = [Sample(**s) for s in manifest["samples"]]
+        return Selection(samples, [tensors[f"{i:05d}"] for i in range(len(samples))], manifest["diversity"],
+                         manifest["per_source"], manifest["pool_size"], manifest["duplicates_removed"])
+    selection = select_samples(tokenizer, recipe.calibration)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        selection.save(tmp / "manifest.json")
+        save_file({f"{i:05d}": t.contiguous() for i, t in enumerate(selection.token_ids)}, tmp / "samples.safetensors")
+        (tmp / "fingerprint").write_text(fingerprint)
+    return selection
+
+
+def _stats(recipe: Recipe, model, selection: Selection, directory: Path) -> ActivationStats:
+    fingerprint = recipe.section_hash("model", "calibration")
+    if (directory / "stats.json").exists():
+        stats = ActivationStats.load(directory)
+        if stats.meta.get("fingerprint") == fingerprint:
+            return stats
+    stats = collect_stats(model, selection.token_ids, meta={"model": recipe.model.source, "fingerprint": fingerprint})
+    stats.save(directory)
+    return stats
+
+
+def _save_quantized(result: QuantizeResult, tokenizer, directory: Path) -> None:
+    """Quantized weights (packed codes, scales, zeros) as safetensors, with the scheme in its metadata."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        meta = {"calq_spec": result.spec.model_dump_json(), "quantized_layers": json.dumps(result.quantized)}
+        save_model(result.model, str(tmp / "model.safetensors"), metadata=meta)
+        result.model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
+    run_dir = Path(run_dir or recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=1))
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[name] = time.perf_counter() - t0
+        return out
+
+    model, tokenizer = timed("load_model", load_model, recipe.model)
+    selection = timed("select_samples", _selection, recipe, tokenizer, run_dir / "calibration")
+    stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
+    variants = {}
+    for spec in recipe.quantize:
+        variants[spec.name] = timed(f"quantize_{spec.name}", quantize, model, spec, stats)
+        _save_quantized(variants[spec.name], tokenizer, run_dir / "models" / spec.name)
+    models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}}
+    evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
+    gates = check_gates(evals, list(recipe.gates), REFERENCE)
+    gates.save(run_dir / "gate.json")
+
+    fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    evaluation = {}
+    for name, ev in evals.items():
+        v = variants.get(name)
+        evaluation[name] = {"text": ev.text, "mmlu": ev.mmlu, "answer_distribution": ev.answer_distribution,
+                            "size_mb": (v.weight_bytes() if v else fp_bytes) / 2**20,
+                            "layers_quantized": len(v.quantized) if v else 0,
+                            "layers_kept": len(v.kept) if v else "all", "kept": v.kept if v else {}}
+    report = {
+        "recipe": recipe.model_dump(mode="json"), "reference": REFERENCE,
+        "evaluation_setup": (f"held-out text: {recipe.evaluation.text.windows} x {recipe.evaluation.text.seq_len} "
+                             f"tokens of {', '.join(recipe.evaluation.text.sources)} (evaluation split); MMLU: "
+                             + (f"{recipe.evaluation.mmlu.per_subject} items per subject (report split)"
+                                if recipe.evaluation.mmlu else "off")),
+        "calibration": {k: v for k, v in selection.manifest().items() if k != "samples"},
+        "stats": {"layers": len(stats.layers), "top_outlier_layers": dict(sorted(
+            stats.summary().items(), key=lambda kv: -kv[1]["outlier_ratio"])[:5])},
+        "evaluation": evaluation,
+        "gates": {"passed": gates.passed, "results": [r.__dict__ for r in gates.results],
+                  "lines": [r.line() for r in gates.results]},
+        "timings": timings,
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_report(report, run_dir)
+    return RunResult(run_dir, selection, stats, variants, evals, gates, report)

@@ -1,0 +1,69 @@
+"""Recipes: one YAML file says what to do. The schema is the stage configs themselves, composed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from quant.cache import CalqError
+from quant.calibration import SelectConfig
+from quant.evaluate import EvalConfig
+from quant.gate import GateRule
+from quant.models import ModelConfig
+from quant.quantize import QuantSpec
+from quant.schema import StrictModel
+
+
+class Recipe(StrictModel):
+    name: str
+    model: ModelConfig = ModelConfig()
+    calibration: SelectConfig = SelectConfig()
+    quantize: tuple[QuantSpec, ...] = Field(min_length=1)
+    evaluation: EvalConfig = EvalConfig()
+    gates: tuple[GateRule, ...] = ()
+    output: str = "runs/{name}"
+    """Run directory; `{name}` is replaced by the recipe name. Relative to the working directory."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        names = [q.name for q in self.quantize]
+        if len(set(names)) != len(names) or "fp" in names:
+            raise ValueError(f"quantize variant names must be unique and not 'fp' (got {names})")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.format(name=self.name))
+
+    def section_hash(self, *sections: str) -> str:
+        """A fingerprint of the sections a stage depends on, to tell whether its cached output is stale."""
+        data = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _error_line(err: ValidationError, path: Path) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown recipe key '{where}'; remove it or check its spelling"
+    return f"{path}: recipe key '{where}': {first['msg']}"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise CalqError(f"recipe {path} does not exist; pass a YAML file such as recipes/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CalqError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict):
+        raise CalqError(f"{path}: a recipe is a YAML mapping with keys name, model, calibration, quantize, ...")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise CalqError(_error_line(err, path)) from err

@@ -1,0 +1,92 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.quantize import (ActScheme, QuantLinear, QuantSpec, WeightScheme, dequantize_codes, fake_quantize,
+                            quant_params, quantize, quantize_codes)
+from quant.stats import collect_stats
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, None])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_error_is_at_most_half_a_step_including_ragged_group(group_size, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(24, 576)  # 576 = 4.5 x 128: the last group of 128 is ragged
+    scheme = WeightScheme(bits=4, group_size=group_size, symmetric=symmetric)
+    scale, zero = quant_params(w, scheme)
+    groups = 1 if group_size is None else -(-576 // group_size)
+    assert scale.shape == zero.shape == (24, groups)
+    q = quantize_codes(w, scale, zero, scheme)
+    assert q.min() >= 0 and q.max() <= 15 and torch.equal(q, q.round())
+    err = (dequantize_codes(q, scale, zero, group_size) - w).abs()
+    step = scale.repeat_interleave(group_size or 576, dim=1)[:, :576]
+    # symmetric clamps the most positive value (code 16 does not exist) by up to one step
+    assert (err <= step * (1.0 if symmetric else 0.5) + 1e-6).all()
+
+
+def test_int8_per_channel_symmetric():
+    torch.manual_seed(0)
+    w = torch.randn(16, 40) * torch.logspace(-2, 1, 16)[:, None]
+    scheme = WeightScheme(bits=8, group_size=None, symmetric=True)
+    wq = fake_quantize(w, scheme)
+    rel = (wq - w).abs().amax(1) / w.abs().amax(1)
+    assert rel.max() <= 0.5 / 127 + 1e-6
+
+
+def test_scheme_validation_messages():
+    with pytest.raises(ValueError, match="per-channel symmetric"):
+        WeightScheme(bits=8, group_size=128)
+    with pytest.raises(ValueError, match="need 8-bit weights"):
+        QuantSpec(name="x", weights=WeightScheme(bits=4), activations=ActScheme())
+
+
+@pytest.mark.parametrize("scheme,act", [(WeightScheme(bits=4, group_size=32), None),
+                                        (WeightScheme(bits=4, group_size=64, symmetric=True), None),
+                                        (WeightScheme(bits=8, group_size=None, symmetric=True), None),
+                                        (WeightScheme(bits=8, group_size=None, symmetric=True), "dynamic")])
+def test_quant_linear_matches_dequantized_weight(scheme, act):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=True)
+    q = QuantLinear.from_linear(lin, scheme, act)
+    x = torch.randn(3, 7, 96)
+    ref = F.linear(x, q.dequantized_weight(), lin.bias)
+    tol = 2e-2 if act else 1e-5  # int8 activation rounding on top of the weight error
+    torch.testing.assert_close(q(x), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    torch.testing.assert_close(q.dequantized_weight(), fake_quantize(lin.weight, scheme), rtol=0, atol=1e-6)
+
+
+def test_quantize_model_is_close_and_leaves_input_untouched(tiny_model, family):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 32))
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    ref = tiny_model(input_ids=ids).logits
+    stats = collect_stats(tiny_model, [ids[0]])
+    errors = {}
+    for name, scheme, act in [("w8a8", WeightScheme(bits=8, group_size=None, symmetric=True), ActScheme()),
+                              ("w8a8s", WeightScheme(bits=8, group_size=None, symmetric=True), ActScheme(mode="static")),
+                              ("w4", WeightScheme(bits=4, group_size=32), None)]:
+        result = quantize(tiny_model, QuantSpec(name=name, weights=scheme, activations=act), stats)
+        assert "lm_head" in result.kept or tiny_model.config.tie_word_embeddings
+        assert len(result.quantized) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+        out = result.model(input_ids=ids).logits
+        errors[name] = ((out - ref).norm() / ref.norm()).item()
+    assert errors["w8a8"] < 0.02 and errors["w8a8s"] < 0.05
+    assert errors["w8a8"] < errors["w4"] < 0.3
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_quantized_model_is_smaller(tiny_model):
+    result = quantize(tiny_model, QuantSpec(name="w4", weights=WeightScheme(bits=4, group_size=32)))
+    fp = sum(p.numel() * 4 for p in {id(p): p for p in tiny_model.parameters()}.values())
+    linear_fp = sum(m.weight.numel() * 4 for n, m in tiny_model.named_modules()
+                    if isinstance(m, nn.Linear) and n in result.quantized)
+    # every quantized weight shrinks ~8x (4 bits + one fp32 scale and one zero per 32 weights)
+    assert fp - result.weight_bytes() > 0.8 * linear_fp
+
+
+def test_static_activations_need_stats(tiny_model):
+    spec = QuantSpec(name="s", weights=WeightScheme(bits=8, group_size=None, symmetric=True),
+                     activations=ActScheme(mode="static"))
+    with pytest.raises(ValueError, match="collect activation statistics"):
+        quantize(tiny_model, spec)

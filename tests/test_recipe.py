@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from quant.cache import CalqError
+from quant.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_recipe_loads():
+    r = load_recipe(ROOT / "recipes" / "default.yaml")
+    assert r.model.source == "smollm2-135m-instruct"
+    assert r.calibration.num_samples == 256 and r.calibration.seq_len == 512
+    assert [q.name for q in r.quantize] == ["w8a8", "w4a16-g128"]
+    assert r.quantize[1].weights.group_size == 128 and r.quantize[0].activations.mode == "dynamic"
+    assert r.run_dir == Path("runs/default")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: x\nquantize: [{name: a}]\ncalibraton: {}\n", "unknown recipe key 'calibraton'"),
+    ("name: x\nquantize: [{name: a, weights: {bits: 3}}]\n", "recipe key 'quantize.0.weights.bits'"),
+    ("name: x\nquantize: [{name: a}]\ncalibration: {num_samples: many}\n", "calibration.num_samples"),
+    ("name: x\nquantize: [{name: a}]\ngates: [{metric: text.ece, max: 1, max_increase: 1}]\n", "exactly one of"),
+    ("name: x\nquantize: [{name: a}, {name: a}]\n", "unique"),
+    ("- just a list\n", "YAML mapping"),
+])
+def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(CalqError, match=message) as err:
+        load_recipe(path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(CalqError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
