@@ -21,6 +21,7 @@ from quant.calibration import Sample, Selection, select_samples
 from quant.evaluate import ModelEval, evaluate
 from quant.gate import GateReport, check_gates
 from quant.models import load_model
+from quant.plots import reliability_diagram
 from quant.quantize import QuantizeResult, quantize
 from quant.recipe import Recipe
 from quant.report import write_report
@@ -131,5 +132,11 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         "timings": timings,
         "torch_threads": torch.get_num_threads(),
     }
+    for kind in ("token", "mmlu"):
+        preds = {n: getattr(ev, f"{kind}_predictions") for n, ev in evals.items()}
+        if all(p is not None for p in preds.values()):
+            reliability_diagram({n: (p.confidence, p.correct) for n, p in preds.items()},
+                                run_dir / f"reliability_{kind}.png", f"{kind} reliability ({recipe.name})",
+                                recipe.evaluation.ece_bins)
     write_report(report, run_dir)
     return RunResult(run_dir, selection, stats, variants, evals, gates, report)

@@ -3,6 +3,10 @@ several architecture families, so stage tests run in seconds without any downloa
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: kernel tests run interpreted on CPU
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

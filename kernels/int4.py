@@ -1,0 +1,243 @@
+"""W4A16: float16/bfloat16/float32 activations times packed int4 weights with per-group scales and zero points.
+
+Weight layout (what the quantized linear module stores):
+    qweight  int32 (N, ceil(K / 8)): nibble i (bits 4i..4i+3) of word j holds column k = 8 * j + i; K is padded
+             with zeros to a multiple of 8.
+    scales   float (N, G) and zeros uint8 (N, G) in 0..15, G = ceil(K / group_size); the last group may be shorter.
+    w[n, k] = (q[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
+
+int4_linear runs the Triton kernel on CUDA tensors and the torch reference int4_linear_ref elsewhere.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import autotune_configs, check_triton_inputs, device_context, m_bucket, tile_ids
+
+_NIBBLE_SHIFTS = tuple(range(0, 32, 4))
+# At most this many rows take the split-K decode path; more take the GEMM path.
+_DECODE_MAX_M = 16
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes q (N, K), integers in 0..15 (uint8), into int32 (N, ceil(K / 8)), low nibble first."""
+    if q.dim() != 2 or q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise ValueError(f"pack_int4: q must be a 2-D integer (uint8) tensor, got {q.dim()}-D {q.dtype}")
+    if q.numel() and (q.min() < 0 or q.max() > 15):
+        raise ValueError("pack_int4: q holds values outside 0..15; clamp the codes to 0..15 before packing")
+    n, k = q.shape
+    padded = F.pad(q.to(torch.int64), (0, -k % 8))
+    shifts = torch.tensor(_NIBBLE_SHIFTS, device=q.device)
+    words = (padded.view(n, -1, 8) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Unpack int32 (N, ceil(k / 8)) words from pack_int4 into uint8 codes (N, k)."""
+    if packed.dim() != 2 or packed.dtype != torch.int32:
+        raise ValueError(f"unpack_int4: packed must be a 2-D int32 tensor, got {packed.dim()}-D {packed.dtype}")
+    if packed.shape[1] != triton.cdiv(k, 8):
+        raise ValueError(f"unpack_int4: k={k} needs {triton.cdiv(k, 8)} words per row, packed has {packed.shape[1]}")
+    shifts = torch.tensor(_NIBBLE_SHIFTS, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 15
+    return nibbles.flatten(1)[:, :k].to(torch.uint8)
+
+
+def _check_int4_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int]:
+    """Check the arguments of int4_linear (any device, any float x); return (N, K)."""
+    if not x.is_floating_point():
+        raise ValueError(f"int4_linear: x must be a floating-point tensor, got {x.dtype}; convert it (x.half())")
+    k = x.shape[-1]
+    if qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise ValueError(f"int4_linear: qweight must be 2-D int32 (pack_int4), got {qweight.dim()}-D {qweight.dtype}")
+    n = qweight.shape[0]
+    if qweight.shape[1] != triton.cdiv(k, 8):
+        raise ValueError(
+            f"int4_linear: x has K={k}, which needs qweight of shape ({n}, {triton.cdiv(k, 8)}), "
+            f"got {tuple(qweight.shape)}"
+        )
+    if group_size <= 0:
+        raise ValueError(f"int4_linear: group_size must be positive, got {group_size}")
+    groups = (n, triton.cdiv(k, group_size))
+    if tuple(scales.shape) != groups or not scales.is_floating_point():
+        raise ValueError(
+            f"int4_linear: scales must be float of shape {groups}, got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if tuple(zeros.shape) != groups or zeros.dtype != torch.uint8:
+        raise ValueError(f"int4_linear: zeros must be uint8 of shape {groups}, got {zeros.dtype} {tuple(zeros.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"int4_linear: bias must be float of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+    return n, k
+
+
+def int4_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Torch reference of int4_linear: unpack, dequantize and F.linear in float32 (float64 for float64 x)."""
+    n, k = _check_int4_args(x, qweight, scales, zeros, group_size, bias)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    group = torch.arange(k, device=x.device) // group_size
+    q = unpack_int4(qweight, k).to(dtype)
+    w = (q - zeros.to(dtype)[:, group]) * scales.to(dtype)[:, group]
+    out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+    return out.to(x.dtype)
+
+
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_K": 1}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "SPLIT_K": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "SPLIT_K": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "SPLIT_K": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": 1}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "SPLIT_K": 1}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "SPLIT_K": 1}, num_warps=8, num_stages=3),
+]
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 2}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 8}, num_warps=2, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 16}, num_warps=2, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 1}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 4}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "SPLIT_K": 4}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "SPLIT_K": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "SPLIT_K": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "SPLIT_K": 8}, num_warps=8, num_stages=3),
+]
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _int4_matmul_kernel(
+    x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    M, N, K, M_BUCKET, group_size,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """out (M, N) = x (M, K) @ w.T (+ bias (N,)), w (N, K) dequantized from int4 in registers.
+
+    w_ptr: int32 (N, ceil(K / 8)) packed as pack_int4; scales (N, G) float, zeros (N, G) uint8, bias (N,) float or
+    None. group_size is a multiple of BLOCK_K, so each K tile lies in one group: the tile dot runs on the exact
+    integers q - zero (in x's dtype) and the group scale multiplies its fp32 result.
+    Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K): program (pid, s) sums K tiles s, s + SPLIT_K, ...; with
+    SPLIT_K > 1, out is float32, zero-filled, and each program atomically adds its partial sum (bias from s = 0).
+    M_BUCKET is only the autotuning key.
+    """
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    num_words = tl.cdiv(K, 8)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & (offs_k[None, :] < K),
+            other=0.0,
+        )
+        words = kt * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(
+            w_ptr + words[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=(words[:, None] < num_words) & mask_n[None, :],
+            other=0,
+        )
+        # (words, 8, BLOCK_N) nibbles -> (BLOCK_K, BLOCK_N): row 8 * word + i is column k of the weight.
+        q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+        group = kt * BLOCK_K // group_size
+        zero = tl.load(zeros_ptr + offs_n * stride_zn + group * stride_zg, mask=mask_n, other=0)
+        scale = tl.load(scales_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0)
+        w = (q.to(tl.float32) - zero.to(tl.float32)[None, :]).to(x.dtype)
+        acc += tl.dot(x, w) * scale.to(tl.float32)[None, :]
+
+    if bias_ptr is not None:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+
+
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "group_size"]
+_int4_gemm = triton.autotune(autotune_configs(_GEMM_CONFIGS), key=_AUTOTUNE_KEY)(_int4_matmul_kernel)
+_int4_decode = triton.autotune(autotune_configs(_DECODE_CONFIGS), key=_AUTOTUNE_KEY, reset_to_zero=["out_ptr"])(
+    _int4_matmul_kernel
+)
+
+
+def _int4_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int4_linear on the Triton kernel: split-K for at most 16 rows (decode), tiled GEMM above."""
+    n, k = _check_int4_args(x, qweight, scales, zeros, group_size, bias)
+    check_triton_inputs("int4_linear", x, {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias})
+    if group_size % 16:
+        raise ValueError(
+            f"int4_linear: the Triton kernel needs group_size a multiple of 16, got {group_size}; use int4_linear_ref"
+        )
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    decode = m <= _DECODE_MAX_M
+    out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if decode else x.new_empty((m, n))
+    if out.numel():
+        kernel = _int4_decode if decode else _int4_gemm
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        with device_context(x):
+            kernel[grid](
+                x2, qweight, scales, zeros, bias, out,
+                m, n, k, m_bucket(m), group_size,
+                *x2.stride(), *qweight.stride(), *scales.stride(), *zeros.stride(), *out.stride(),
+                BLOCK_K=min(group_size & -group_size, 128),  # largest power of two dividing group_size
+                GROUP_M=8,
+            )  # fmt: skip
+    return out.to(x.dtype).view(*x.shape[:-1], n)
+
+
+_int4_linear_op = torch.library.custom_op("calq::int4_linear", _int4_linear_triton, mutates_args=())
+
+
+@_int4_linear_op.register_fake
+def _int4_linear_fake(x, qweight, scales, zeros, group_size, bias=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """W4A16 linear: x (..., K) float16/bfloat16/float32 -> (..., N) in x's dtype; layout in the module docstring.
+
+    CUDA x runs the Triton kernel, through the custom op calq::int4_linear under torch.compile (in eager mode the
+    op's dispatch, some microseconds, is skipped); other devices run int4_linear_ref. float32 x uses TF32.
+    """
+    if x.is_cuda:
+        linear = _int4_linear_op if torch.compiler.is_compiling() else _int4_linear_triton
+        return linear(x, qweight, scales, zeros, group_size, bias)
+    return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)

@@ -1,0 +1,310 @@
+"""W8A8 and W8A16: int8 weights with per-output-channel scales times quantized or float activations.
+
+Weights: qweight int8 (N, K), symmetric, and w_scale float (N,): w = qweight * w_scale[:, None].
+Activations, by `act`:
+    "dynamic"  each token (row) t is quantized with its own scale max|x_t| / 127 (1 for an all-zero row),
+    "static"   one given per-tensor scale act_scale,
+    "none"     x stays float (W8A16),
+with q = clamp(round(x / scale), -127, 127), rounding half to even, and NaN quotients to 0 (a row holding NaN
+or inf gets a non-finite dynamic scale, which makes its output row non-finite). The int8 x int8 products are
+summed in int32, then scaled by the token and channel scales in float32.
+
+int8_linear and quantize_per_token run Triton kernels on CUDA tensors and the torch references elsewhere.
+"""
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import autotune_configs, check_triton_inputs, device_context, m_bucket, tile_ids
+
+_ACTS = ("dynamic", "static", "none")
+
+
+def _check_float(op: str, x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}; convert it (x.half())")
+
+
+def _quantize_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(x / scale).clamp(-127, 127).nan_to_num(0.0).to(torch.int8)
+
+
+def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of quantize_per_token, computed in float32."""
+    _check_float("quantize_per_token", x)
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, 1.0, scale)
+    return _quantize_ref(x, scale), scale
+
+
+def _check_int8_args(x, qweight, w_scale, bias, act, act_scale) -> tuple[int, int]:
+    """Check the arguments of int8_linear (any device, any float x); return (N, K)."""
+    _check_float("int8_linear", x)
+    k = x.shape[-1]
+    if qweight.dim() != 2 or qweight.dtype != torch.int8:
+        raise ValueError(f"int8_linear: qweight must be 2-D int8, got {qweight.dim()}-D {qweight.dtype}")
+    n = qweight.shape[0]
+    if qweight.shape[1] != k:
+        raise ValueError(f"int8_linear: x has K={k} but qweight has shape {tuple(qweight.shape)}; expected ({n}, {k})")
+    if tuple(w_scale.shape) != (n,) or not w_scale.is_floating_point():
+        raise ValueError(
+            f"int8_linear: w_scale must be float of shape ({n},), got {w_scale.dtype} {tuple(w_scale.shape)}"
+        )
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"int8_linear: bias must be float of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+    if act not in _ACTS:
+        raise ValueError(f"int8_linear: act must be one of {_ACTS}, got {act!r}")
+    if act == "static" and (act_scale is None or act_scale.numel() != 1 or not act_scale.is_floating_point()):
+        raise ValueError("int8_linear: act='static' needs act_scale, a float tensor holding one scale")
+    if act != "static" and act_scale is not None:
+        raise ValueError(f"int8_linear: act_scale is only used with act='static', got act={act!r}; drop act_scale")
+    return n, k
+
+
+def int8_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    act: Literal["dynamic", "static", "none"] = "dynamic",
+    act_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Torch reference of int8_linear: the integer matmul exactly in float64 (|sums| < 2**53), then the scales."""
+    _check_int8_args(x, qweight, w_scale, bias, act, act_scale)
+    if act == "none":
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        w = qweight.to(dtype) * w_scale.to(dtype)[:, None]
+        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
+    if act == "dynamic":
+        q, scale = quantize_per_token_ref(x)
+    else:
+        scale = act_scale.float()
+        q = _quantize_ref(x.float(), scale)
+    out = (q.double() @ qweight.double().T) * scale.double() * w_scale.double()
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)
+
+
+@triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _round_half_to_even(v):
+    """Round fp32 v with |v| <= 2**22 to an integer, ties to even like torch.round: adding 1.5 * 2**23 leaves no
+    fraction bits, so the fp32 addition itself rounds."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_xk, BLOCK_K: tl.constexpr,
+                          DYNAMIC: tl.constexpr):  # fmt: skip
+    """q (M, K) int8, contiguous = clamp(round(x (M, K) / scale), -127, 127); one program per row, in one pass.
+
+    DYNAMIC: the row's scale max|x| / 127 (1 for an all-zero row) is computed from the row held in registers
+    (BLOCK_K >= K) and stored to scale_ptr (M,) float32; otherwise scale_ptr holds one float32 scale for all rows.
+    """
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    if DYNAMIC:
+        scale = tl.math.div_rn(tl.reduce(tl.abs(x), 0, _max_propagating_nan), 127.0)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        tl.store(scale_ptr + row, scale)
+    else:
+        scale = tl.load(scale_ptr)
+    v = tl.math.div_rn(x, scale)
+    v = tl.where(v == v, v, 0.0)
+    v = _round_half_to_even(tl.minimum(tl.maximum(v, -127.0), 127.0))
+    tl.store(q_ptr + row * K + offs, v.to(tl.int8), mask=mask)
+
+
+def _quantize_rows(x: torch.Tensor, act_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x (M, K) with the fused kernel: per-row scales when act_scale is None, else the one act_scale.
+
+    Returns q (M, K) int8 and the scales as float32 (M,) (for static, act_scale broadcast with stride 0).
+    """
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    dynamic = act_scale is None
+    scale = torch.empty(m, device=x.device) if dynamic else act_scale.to(torch.float32).reshape(1).expand(m)
+    if q.numel():
+        block_k = triton.next_power_of_2(k)
+        num_warps = max(1, min(16, block_k // 512))
+        _quantize_rows_kernel[(m,)](x, q, scale, k, *x.stride(), BLOCK_K=block_k, DYNAMIC=dynamic, num_warps=num_warps)
+    return q, scale
+
+
+_MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+]
+
+
+@triton.autotune(autotune_configs(_MATMUL_CONFIGS), key=["M_BUCKET", "N", "K"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _int8_matmul_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, c_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_as, stride_bn, stride_bk, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """c (M, N) = (a (M, K) @ b (N, K).T) * a_scale[:, None] * b_scale[None, :] (+ bias (N,)), in c's dtype.
+
+    a int8 (W8A8): int32 accumulation, with a_scale (M,) float32 read with stride stride_as (0: one scale).
+    a float16/bfloat16/float32 (W8A16): b converted exactly to a's dtype, fp32 accumulation, a_scale None.
+    b int8, b_scale (N,) float, bias (N,) float or None. Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N).
+    M_BUCKET is only the autotuning key.
+    """
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    integer: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if integer else tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0,
+        )
+        if not integer:  # exact; via float32, the only bfloat16 cast the Triton interpreter gets right
+            b = b.to(tl.float32).to(a.dtype)
+        acc = tl.dot(a, b, acc)
+
+    c = acc.to(tl.float32)
+    if a_scale_ptr is not None:
+        c *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)[:, None]
+    c *= tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if bias_ptr is not None:
+        c += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _int8_matmul(
+    a: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Launch _int8_matmul_kernel: a (M, K) int8 with a_scale float32 (M,), or a float with a_scale None -> (M, N)."""
+    m, k = a.shape
+    n = qweight.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if out.numel():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _int8_matmul_kernel[grid](
+            a, a_scale, qweight, w_scale, bias, out,
+            m, n, k, m_bucket(m),
+            *a.stride(), 0 if a_scale is None else a_scale.stride(0), *qweight.stride(), *out.stride(),
+            GROUP_M=8,
+        )  # fmt: skip
+    return out
+
+
+def _quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token on the fused Triton kernel."""
+    _check_float("quantize_per_token", x)
+    check_triton_inputs("quantize_per_token", x, {})
+    with device_context(x):
+        q, scale = _quantize_rows(x.reshape(-1, x.shape[-1]), None)
+    return q.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+def _int8_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    act: str = "dynamic",
+    act_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int8_linear on the Triton kernels: fused activation quantization, then the int8 matmul."""
+    n, k = _check_int8_args(x, qweight, w_scale, bias, act, act_scale)
+    tensors = {"qweight": qweight, "w_scale": w_scale, "bias": bias, "act_scale": act_scale}
+    check_triton_inputs("int8_linear", x, tensors)
+    x2 = x.reshape(-1, k)
+    with device_context(x):
+        if act == "none":
+            out = _int8_matmul(x2, None, qweight, w_scale, bias, x.dtype)
+        else:
+            q, scale = _quantize_rows(x2, act_scale if act == "static" else None)
+            out = _int8_matmul(q, scale, qweight, w_scale, bias, x.dtype)
+    return out.view(*x.shape[:-1], n)
+
+
+_quantize_per_token_op = torch.library.custom_op(
+    "calq::quantize_per_token", _quantize_per_token_triton, mutates_args=()
+)
+_int8_linear_op = torch.library.custom_op("calq::int8_linear", _int8_linear_triton, mutates_args=())
+
+
+@_quantize_per_token_op.register_fake
+def _quantize_per_token_fake(x):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@_int8_linear_op.register_fake
+def _int8_linear_fake(x, qweight, w_scale, bias=None, act="dynamic", act_scale=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 quantization of x (..., K): (q int8 (..., K), scale float32 (..., 1)).
+
+    scale = max|x_t| / 127 per row (1 for an all-zero row), q = clamp(round(x / scale), -127, 127).
+    CUDA x runs the fused Triton kernel (through the custom op calq::quantize_per_token under torch.compile);
+    other devices run quantize_per_token_ref.
+    """
+    if x.is_cuda:
+        quantize = _quantize_per_token_op if torch.compiler.is_compiling() else _quantize_per_token_triton
+        return quantize(x)
+    return quantize_per_token_ref(x)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    act: Literal["dynamic", "static", "none"] = "dynamic",
+    act_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """W8A8 (act "dynamic" or "static") or W8A16 (act "none") linear: x (..., K) -> (..., N) in x's dtype.
+
+    See the module docstring for the quantization. CUDA x runs the Triton kernels, through the custom op
+    calq::int8_linear under torch.compile (in eager mode the op's dispatch is skipped); other devices run
+    int8_linear_ref. float32 x in W8A16 uses TF32 tensor cores.
+    """
+    if x.is_cuda:
+        linear = _int8_linear_op if torch.compiler.is_compiling() else _int8_linear_triton
+        return linear(x, qweight, w_scale, bias, act, act_scale)
+    return int8_linear_ref(x, qweight, w_scale, bias, act, act_scale)

@@ -1,0 +1,55 @@
+"""SmoothQuant: move activation outliers into the weights before W8A8 quantization.
+
+int8 activations lose their small channels when a few channels are much larger; weights are easy to
+quantize. Per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) is folded into the norm
+before the linears (quant.mappings.fold_scales), so the linears see X / s and weights W * s and the
+model's function is unchanged. Only norm -> linears groups are smoothed, as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from quant.mappings import decoder_layers, fold_scales
+from quant.schema import StrictModel
+from quant.stats import ActivationStats, LayerStats
+
+
+class SmoothQuantConfig(StrictModel):
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Migration strength: 0 leaves activations alone, 1 moves all their range into the weights."""
+
+
+def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
+    """The paper's per-channel scales; both maxima are floored at 1e-5 so dead channels stay finite."""
+    w_absmax = torch.stack([w.float().abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
+    return (act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def _divided(stats: LayerStats, s: Tensor) -> LayerStats:
+    s = s.double()
+    return replace(stats, absmax=stats.absmax / s, min=stats.min / s, max=stats.max / s, sum_abs=stats.sum_abs / s)
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, stats: ActivationStats, cfg: SmoothQuantConfig) -> tuple[nn.Module, ActivationStats]:
+    """Return a smoothed deep copy of `model` and the statistics of its smoothed linear inputs.
+
+    `stats` were gathered on `model`; the smoothed linears see X / s, so their statistics are divided
+    by s. Pass the returned stats to quantize() so static activation scales match the smoothed model.
+    """
+    smoothed = copy.deepcopy(model)
+    layers = dict(stats.layers)
+    for layer in decoder_layers(smoothed):
+        for group in layer.groups:
+            if isinstance(group.prev, nn.Linear):
+                continue
+            s = smoothing_scales(stats.layers[group.names[0]].absmax, [lin.weight for lin in group.linears], cfg.alpha)
+            fold_scales(group.prev, group.linears, s)
+            layers.update({name: _divided(stats.layers[name], s) for name in group.names})
+    return smoothed, ActivationStats(layers=layers, meta=dict(stats.meta, smoothquant_alpha=cfg.alpha))

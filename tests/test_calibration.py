@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from quant.cache import CalqError
+from quant.calibration import SelectConfig, select_samples
+from quant.data import Document
+
+TOPICS = {
+    "wiki": "river delta history planet theory music alpha",
+    "news": "market score film quantum gamma beta",
+    "reviews": "film music score the of and a in",
+}
+
+
+def _docs(n_per_source: int = 30) -> list[Document]:
+    rng = np.random.default_rng(0)
+    docs = []
+    for source, vocab in TOPICS.items():
+        words = vocab.split()
+        for i in range(n_per_source):
+            length = int(rng.integers(20, 160))
+            text = " ".join(rng.choice(words, length)) + f" {source}{i}"
+            docs.append(Document(source, f"{source}-{i}", text))
+    docs.append(Document("wiki", "dup", docs[0].text))  # an exact duplicate
+    return docs
+
+
+def test_selection_is_deterministic_covers_sources_and_beats_random(tokenizer):
+    cfg = SelectConfig(num_samples=24, seq_len=64, min_len=16, sources=("wiki", "news", "reviews"))
+    docs = _docs()
+    a = select_samples(tokenizer, cfg, documents=docs)
+    b = select_samples(tokenizer, cfg, documents=docs)
+    assert [s.sha256 for s in a.samples] == [s.sha256 for s in b.samples]
+    assert len(a.samples) == 24 and len({s.sha256 for s in a.samples}) == 24
+    assert a.per_source == {"news": 8, "reviews": 8, "wiki": 8}
+    assert a.duplicates_removed >= 1
+    assert all(16 <= len(t) <= 64 for t in a.token_ids)
+    assert all(s.end - s.start == len(t) for s, t in zip(a.samples, a.token_ids))
+    d = a.diversity
+    assert d["coverage_radius"] < d["random_coverage_radius"]
+    assert d["mean_pairwise_distance"] > d["random_mean_pairwise_distance"]
+    lengths = [len(t) for t in a.token_ids]
+    assert max(lengths) - min(lengths) > 20  # a mix of lengths, not only the longest windows
+
+
+def test_strategies_differ(tokenizer):
+    docs = _docs()
+    picks = {s: [x.doc_id for x in select_samples(tokenizer, SelectConfig(num_samples=12, seq_len=64, min_len=16,
+                                                                             strategy=s), documents=docs).samples]
+             for s in ("diverse", "random", "first")}
+    assert picks["first"][:3] == ["news-0", "news-1", "news-2"] or picks["first"] != picks["diverse"]
+    assert picks["random"] != picks["diverse"]
+
+
+def test_too_few_texts_is_a_clear_error(tokenizer):
+    with pytest.raises(CalqError, match="only .* distinct windows but 500 samples were requested"):
+        select_samples(tokenizer, SelectConfig(num_samples=500, seq_len=64, min_len=16), documents=_docs(10))

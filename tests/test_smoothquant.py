@@ -1,0 +1,51 @@
+import torch
+
+from quant.smoothquant import SmoothQuantConfig, smooth
+from quant.stats import collect_stats
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def _samples(vocab: int, lengths=(24, 40, 9), seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+def _with_outliers(model):
+    """Real LLMs carry a few hidden channels far larger than the rest; plant some in the embeddings."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, [3, 40, 77]] *= 30
+    return model
+
+
+def test_smoothing_preserves_logits_changes_weights_and_leaves_input_alone(tiny_model):
+    model = _with_outliers(tiny_model)
+    ids = _samples(model.config.vocab_size, (33,), seed=2)[0][None]
+    ref = model(input_ids=ids).logits
+    before = model.get_submodule(Q).weight.clone()
+    stats = collect_stats(model, _samples(model.config.vocab_size))
+    smoothed, _ = smooth(model, stats, SmoothQuantConfig(alpha=0.5))
+    torch.testing.assert_close(smoothed(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert (smoothed.get_submodule(Q).weight - before).abs().max() > 0.1 * before.abs().max()
+    assert torch.equal(model.get_submodule(Q).weight, before)
+
+
+def test_smoothing_flattens_outliers_and_returns_the_smoothed_stats(tiny_model):
+    model = _with_outliers(tiny_model)
+    samples = _samples(model.config.vocab_size)
+    stats = collect_stats(model, samples)
+    smoothed, adjusted = smooth(model, stats, SmoothQuantConfig(alpha=0.5))
+    recomputed = collect_stats(smoothed, samples)
+    before = stats.summary()[Q]["outlier_ratio"]
+    after = recomputed.summary()[Q]["outlier_ratio"]
+    assert before > 5 and after < before / 2, (before, after)
+    for name, s in recomputed.layers.items():  # static activation scales must see the smoothed inputs
+        torch.testing.assert_close(adjusted.layers[name].absmax, s.absmax, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(adjusted.layers[name].mean_abs, s.mean_abs, rtol=1e-4, atol=1e-6)
+
+
+def test_alpha_zero_is_the_identity(tiny_model):
+    stats = collect_stats(tiny_model, _samples(tiny_model.config.vocab_size))
+    smoothed, _ = smooth(tiny_model, stats, SmoothQuantConfig(alpha=0.0))
+    # alpha = 0: s = 1 / max|W|, so activations grow and weight columns are normalised to max 1
+    assert smoothed.get_submodule(Q).weight.abs().amax(0).max() <= 1 + 1e-5
