@@ -35,7 +35,7 @@ class AWQConfig(StrictModel):
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1)
     """Range factors tried by the clip search: 1 - i * max_shrink / clip_grid for i < clip_grid."""
-    max_tokens: int = Field(16384, ge=1)
+    max_tokens: int = Field(8192, ge=1)
     """Calibration tokens run through the layers (whole samples, evenly spaced); run time grows with it."""
     clip: bool = True
 

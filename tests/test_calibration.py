@@ -5,21 +5,18 @@ from quant.cache import CalqError
 from quant.calibration import SelectConfig, select_samples
 from quant.data import Document
 
-TOPICS = {
-    "wiki": "river delta history planet theory music alpha",
-    "news": "market score film quantum gamma beta",
-    "reviews": "film music score the of and a in",
-}
+SOURCES = ("wiki", "news", "reviews")
 
 
 def _docs(n_per_source: int = 30) -> list[Document]:
+    """Documents whose words come from a per-source vocabulary of made-up words, of varied length."""
     rng = np.random.default_rng(0)
+    syllables = ["ka", "lo", "mi", "ter", "sun", "vel", "dra", "po", "zen", "qui", "ro", "ba"]
     docs = []
-    for source, vocab in TOPICS.items():
-        words = vocab.split()
+    for source in SOURCES:
+        vocab = ["".join(rng.choice(syllables, 3)) for _ in range(300)]
         for i in range(n_per_source):
-            length = int(rng.integers(20, 160))
-            text = " ".join(rng.choice(words, length)) + f" {source}{i}"
+            text = " ".join(rng.choice(vocab, int(rng.integers(20, 160))))
             docs.append(Document(source, f"{source}-{i}", text))
     docs.append(Document("wiki", "dup", docs[0].text))  # an exact duplicate
     return docs

