@@ -74,7 +74,7 @@ def int8_linear_ref(
     act: Literal["dynamic", "static", "none"] = "dynamic",
     act_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Torch reference of int8_linear: the integer matmul exactly in float64 (|sums| < 2**53), then the scales."""
+    """Torch reference of int8_linear: the exact int32 matmul, then the scales (in float64)."""
     _check_int8_args(x, qweight, w_scale, bias, act, act_scale)
     if act == "none":
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -85,10 +85,18 @@ def int8_linear_ref(
     else:
         scale = act_scale.float()
         q = _quantize_ref(x.float(), scale)
-    out = (q.double() @ qweight.double().T) * scale.double() * w_scale.double()
+    out = _int_matmul(q, qweight).double() * scale.double() * w_scale.double()
     if bias is not None:
         out = out + bias.double()
     return out.to(x.dtype)
+
+
+def _int_matmul(q: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Exact int32 (..., K) x (N, K)^T. On CPU torch._int_mm is exact and ~4x faster than fp32 (the CPU
+    runtime path of the quantized model); elsewhere float64 is exact for |sums| < 2**53 and takes any shape."""
+    if q.device.type == "cpu":
+        return torch._int_mm(q.reshape(-1, q.shape[-1]), qweight.T).reshape(*q.shape[:-1], -1)
+    return (q.double() @ qweight.double().T).to(torch.int32)
 
 
 @triton.jit
