@@ -5,8 +5,8 @@ scales those input columns up before quantizing (s = mean|x|^r, r searched on a 
 into the op before, then shrinks each weight group's range where that lowers the error. The result
 is a float model; the shared min-max quantizer (quant.quantize) quantizes it afterwards.
 
-Both searches minimise the error of the linears' outputs on calibration tokens, as llm-compressor
-does for the linears (AutoAWQ scores q/k/v on the attention block's output instead). The error of a
+Both searches minimise the error of the group's linears' outputs on calibration tokens (q/k/v
+outputs concatenated; AutoAWQ scores q/k/v on the attention block's output instead). The error of a
 weight perturbation dW over tokens X is ||X dW^T||^2 = tr(dW H dW^T) with H = X^T X, so each layer
 accumulates H once and every grid point costs one (N, K) x (K, K) product, however many tokens.
 Layers are processed in order; each one's inputs come from the previous, already-transformed layer.
@@ -89,7 +89,7 @@ def best_clip(weight: Tensor, gram: Tensor, scheme: WeightScheme, clip_grid: int
 
 
 def clip_weight(weight: Tensor, scheme: WeightScheme, clip: Tensor) -> Tensor:
-    """Clamp each group to the range quant_params(weight, scheme, clip) spans, so the min-max
+    """Clamp each group to the range quantize_weight(weight, scheme, clip) spans, so the min-max
     quantizer run later on the clamped weight finds exactly the chosen range."""
     n, k = weight.shape
     g = _grouped(weight.float(), scheme.group_size)

@@ -76,11 +76,13 @@ def _grouped(w: Tensor, group_size: int | None) -> Tensor:
     return w.reshape(n, -1, gs)
 
 
-def quant_params(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
-    """Min-max scales and zero points, shape (N, G), in the unsigned code domain [0, 2^bits - 1].
+def quantize_weight(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Min-max codes (N, K) and per-group scales and zero points (N, G), codes in [0, 2^bits - 1]
+    (int4) or [-127, 127] (int8), all as float.
 
     `clip` (scalar or (N, G)) shrinks the range, which AWQ's clipping search uses.
     """
+    n, k = w.shape
     g = _grouped(w.float(), scheme.group_size)
     qmax = 2**scheme.bits - 1
     if scheme.symmetric:
@@ -92,19 +94,9 @@ def quant_params(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0) ->
         hi = g.amax(-1).clamp(min=0) * clip
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
         zero = (-lo / scale).round().clamp(0, qmax)
-    return scale, zero
-
-
-def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, scheme: WeightScheme) -> Tensor:
-    """Integer codes (as float) for `w` given per-group scale/zero."""
-    n, k = w.shape
-    g = _grouped(w.float(), scheme.group_size)
-    if scheme.bits == 8:
-        lo, hi = -127, 127
-    else:
-        lo, hi = 0, 2**scheme.bits - 1
-    q = (g / scale[..., None] + zero[..., None]).round().clamp(lo, hi)
-    return q.reshape(n, -1)[:, :k]
+    lo_code, hi_code = (-127, 127) if scheme.bits == 8 else (0, qmax)
+    q = (g / scale[..., None] + zero[..., None]).round_().clamp_(lo_code, hi_code)
+    return q.reshape(n, -1)[:, :k], scale, zero
 
 
 def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor, group_size: int | None) -> Tensor:
@@ -115,8 +107,8 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor, group_size: int | N
 
 def fake_quantize(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0) -> Tensor:
     """quantize -> dequantize, in w's dtype: the weight the quantized model effectively uses."""
-    scale, zero = quant_params(w, scheme, clip)
-    return dequantize_codes(quantize_codes(w, scale, zero, scheme), scale, zero, scheme.group_size).to(w.dtype)
+    q, scale, zero = quantize_weight(w, scheme, clip)
+    return dequantize_codes(q, scale, zero, scheme.group_size).to(w.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +144,7 @@ class QuantLinear(nn.Module):
                     act_absmax: Tensor | None = None) -> QuantLinear:
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, scheme, act_mode, linear.bias is not None, w.dtype)
-        scale, zero = quant_params(w, scheme)
-        q = quantize_codes(w, scale, zero, scheme)
+        q, scale, zero = quantize_weight(w, scheme)
         if scheme.bits == 4:
             mod.qweight.copy_(kernels.pack_int4(q.to(torch.uint8)))
             mod.scales.copy_(scale.to(w.dtype))

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.quantize import (ActScheme, QuantLinear, QuantSpec, WeightScheme, dequantize_codes, fake_quantize,
-                            quant_params, quantize, quantize_codes)
+                            quantize, quantize_weight)
 from quant.stats import collect_stats
 
 
@@ -14,10 +14,9 @@ def test_int4_error_is_at_most_half_a_step_including_ragged_group(group_size, sy
     torch.manual_seed(0)
     w = torch.randn(24, 576)  # 576 = 4.5 x 128: the last group of 128 is ragged
     scheme = WeightScheme(bits=4, group_size=group_size, symmetric=symmetric)
-    scale, zero = quant_params(w, scheme)
+    q, scale, zero = quantize_weight(w, scheme)
     groups = 1 if group_size is None else -(-576 // group_size)
     assert scale.shape == zero.shape == (24, groups)
-    q = quantize_codes(w, scale, zero, scheme)
     assert q.min() >= 0 and q.max() <= 15 and torch.equal(q, q.round())
     err = (dequantize_codes(q, scale, zero, group_size) - w).abs()
     step = scale.repeat_interleave(group_size or 576, dim=1)[:, :576]
