@@ -11,7 +11,8 @@ from quant.evaluate import EvalConfig, ModelEval, evaluate
 from quant.gate import GateReport, GateRule, check_gates
 from quant.models import ModelConfig, load_model
 from quant.pipeline import RunResult, run
-from quant.quantize import ActScheme, QuantizeResult, QuantLinear, QuantSpec, WeightScheme, quantize
+from quant.methods import QuantSpec, quantize_variant
+from quant.quantize import ActScheme, QuantizeResult, QuantLinear, WeightScheme, quantize
 from quant.recipe import Recipe, load_recipe
 from quant.stats import ActivationStats, collect_stats
 
@@ -19,5 +20,5 @@ __all__ = [
     "ActScheme", "ActivationStats", "CalqError", "EvalConfig", "GateReport", "GateRule", "ModelConfig", "ModelEval",
     "QuantLinear", "QuantSpec", "QuantizeResult", "Recipe", "RunResult", "SelectConfig", "Selection",
     "WeightScheme", "check_gates", "collect_stats", "evaluate", "load_model", "load_recipe", "quantize", "run",
-    "select_samples",
+    "quantize_variant", "select_samples",
 ]

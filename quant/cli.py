@@ -22,6 +22,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if result.gates.passed or not args.enforce_gates else 1
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from quant.compare import compare
+    from quant.recipe import load_recipe
+
+    result = compare(load_recipe(args.recipe), args.out)
+    print((result.run_dir / "compare.md").read_text())
+    print(f"table: {result.run_dir / 'compare.csv'}, plot: {result.run_dir / 'compare.png'}")
+    return 0
+
+
 def _gate(args: argparse.Namespace) -> int:
     from quant.gate import GateReport
 
@@ -41,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="run directory (default: the recipe's `output`)")
     p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a gate fails")
     p.set_defaults(fn=_run)
+    p = sub.add_parser("compare", help="min-max vs SmoothQuant vs AWQ (W8A8, W4A16 g128/g32) on the same samples")
+    p.add_argument("recipe", help="recipe YAML whose model, calibration and evaluation are used")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: <recipe output>/compare)")
+    p.set_defaults(fn=_compare)
     p = sub.add_parser("gate", help="print the gate verdict of a run; exit 0 if every gate passed, else 1")
     p.add_argument("run_dir", help="a run directory (or its gate.json)")
     p.set_defaults(fn=_gate)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
@@ -22,13 +24,35 @@ from quant.evaluate import ModelEval, evaluate
 from quant.gate import GateReport, check_gates
 from quant.models import load_model
 from quant.plots import reliability_diagram
-from quant.quantize import QuantizeResult, quantize
+from quant.methods import quantize_variant
+from quant.quantize import QuantizeResult
 from quant.recipe import Recipe
 from quant.report import write_report
 from quant.stats import ActivationStats, collect_stats
 
 log = logging.getLogger(__name__)
 REFERENCE = "fp"
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 20 ms (MB)."""
+
+    def __enter__(self) -> PeakRSS:
+        self._proc = psutil.Process()
+        self.mb = self._proc.memory_info().rss / 2**20
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.mb = max(self.mb, self._proc.memory_info().rss / 2**20)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.mb = max(self.mb, self._proc.memory_info().rss / 2**20)
 
 
 @dataclass
@@ -90,11 +114,14 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=1))
     timings: dict[str, float] = {}
+    peak_mb: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
         t0 = time.perf_counter()
-        out = fn(*args)
+        with PeakRSS() as peak:
+            out = fn(*args)
         timings[name] = time.perf_counter() - t0
+        peak_mb[name] = peak.mb
         return out
 
     model, tokenizer = timed("load_model", load_model, recipe.model)
@@ -102,7 +129,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
     variants = {}
     for spec in recipe.quantize:
-        variants[spec.name] = timed(f"quantize_{spec.name}", quantize, model, spec, stats)
+        variants[spec.name] = timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats, selection.token_ids)
         _save_quantized(variants[spec.name], tokenizer, run_dir / "models" / spec.name)
     models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}}
     evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
@@ -115,6 +142,9 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         v = variants.get(name)
         evaluation[name] = {"text": ev.text, "mmlu": ev.mmlu, "answer_distribution": ev.answer_distribution,
                             "size_mb": (v.weight_bytes() if v else fp_bytes) / 2**20,
+                            "method": v.spec.method if v else "none",
+                            "quantize_seconds": timings.get(f"quantize_{name}"),
+                            "quantize_peak_rss_mb": peak_mb.get(f"quantize_{name}"),
                             "layers_quantized": len(v.quantized) if v else 0,
                             "layers_kept": len(v.kept) if v else "all", "kept": v.kept if v else {}}
     report = {
@@ -130,6 +160,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         "gates": {"passed": gates.passed, "results": [r.__dict__ for r in gates.results],
                   "lines": [r.line() for r in gates.results]},
         "timings": timings,
+        "peak_rss_mb": peak_mb,
         "torch_threads": torch.get_num_threads(),
     }
     for kind in ("token", "mmlu"):

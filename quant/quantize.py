@@ -1,7 +1,7 @@
 """Round-to-nearest (min-max) quantization: schemes, pure quantization math, and the quantized linear.
 
-Smoothing methods (SmoothQuant, AWQ) are transforms applied to the float model before this step, so
-every method shares this one quantizer. The quantized linear calls `kernels`, which runs Triton on
+Smoothing methods (SmoothQuant, AWQ; quant.methods) are transforms applied to the float model before
+this step, so every method shares this one quantizer. The quantized linear calls `kernels`, which runs Triton on
 CUDA and the pure-torch reference on CPU.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import model_validator
@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 import kernels
 from quant.schema import StrictModel
 from quant.stats import ActivationStats
+
+if TYPE_CHECKING:
+    from quant.methods import QuantSpec
 
 
 class WeightScheme(StrictModel):
@@ -41,24 +44,6 @@ class ActScheme(StrictModel):
     """int8 activations: `dynamic` = one scale per token at run time; `static` = one calibrated scale."""
 
     mode: Literal["dynamic", "static"] = "dynamic"
-
-
-class QuantSpec(StrictModel):
-    """One quantized variant of the model."""
-
-    name: str
-    method: Literal["minmax"] = "minmax"
-    weights: WeightScheme = WeightScheme()
-    activations: ActScheme | None = None
-    ignore: tuple[str, ...] = ("lm_head",)
-    """fnmatch patterns of module names kept in full precision (embeddings are never nn.Linear)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> QuantSpec:
-        if self.activations is not None and self.weights.bits != 8:
-            raise ValueError(f"variant {self.name!r}: int8 activations need 8-bit weights (W8A8); "
-                             "remove `activations` for weight-only W4A16")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------

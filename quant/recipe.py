@@ -14,7 +14,7 @@ from quant.calibration import SelectConfig
 from quant.evaluate import EvalConfig
 from quant.gate import GateRule
 from quant.models import ModelConfig
-from quant.quantize import QuantSpec
+from quant.methods import QuantSpec
 from quant.schema import StrictModel
 
 

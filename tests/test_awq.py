@@ -2,11 +2,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from conftest import tiny_config
+from tests.conftest import tiny_config
 from quant.awq import AWQConfig, awq, best_clip, best_scales, clip_weight, output_error
 from quant.cache import CalqError
 from quant.mappings import decoder_layers, fold_scales
-from quant.quantize import QuantSpec, WeightScheme, fake_quantize, quantize
+from quant.methods import QuantSpec
+from quant.quantize import WeightScheme, fake_quantize, quantize
 
 G128 = WeightScheme(bits=4, group_size=128, symmetric=False)
 

@@ -7,7 +7,8 @@ import torch
 from quant import metrics
 from quant.evaluate import EvalConfig, MMLUConfig, TextEvalConfig, evaluate, letter_token_ids, mmlu_prompt, stratified_items
 from quant.data import load_mmlu
-from quant.quantize import QuantSpec, WeightScheme, quantize
+from quant.methods import QuantSpec
+from quant.quantize import WeightScheme, quantize
 
 CFG = EvalConfig(text=TextEvalConfig(windows=2, seq_len=64), mmlu=MMLUConfig(per_subject=1, batch_size=16))
 

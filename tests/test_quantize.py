@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.quantize import (ActScheme, QuantLinear, QuantSpec, WeightScheme, dequantize_codes, fake_quantize,
-                            quantize, quantize_weight)
+from quant.methods import QuantSpec
+from quant.quantize import (ActScheme, QuantLinear, WeightScheme, dequantize_codes, fake_quantize, quantize,
+                            quantize_weight)
 from quant.stats import collect_stats
 
 
