@@ -111,8 +111,6 @@ def _save_quantized(result: QuantizeResult, tokenizer, directory: Path) -> None:
 
 def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     run_dir = Path(run_dir or recipe.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=1))
     timings: dict[str, float] = {}
     peak_mb: dict[str, float] = {}
 
@@ -125,6 +123,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         return out
 
     model, tokenizer = timed("load_model", load_model, recipe.model)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad recipe leaves no run dir
+    (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=1))
     selection = timed("select_samples", _selection, recipe, tokenizer, run_dir / "calibration")
     stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
     variants = {}

@@ -3,7 +3,9 @@
 int8 activations lose their small channels when a few channels are much larger; weights are easy to
 quantize. Per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) is folded into the norm
 before the linears (quant.mappings.fold_scales), so the linears see X / s and weights W * s and the
-model's function is unchanged. Only norm -> linears groups are smoothed, as in the paper.
+model's function is unchanged. The paper smooths only at norms; the groups fed by a linear
+(up_proj -> down_proj, and v_proj -> o_proj without GQA) are smoothed too by default, because
+down_proj's input carries the largest outliers and static per-tensor scales suffer most from them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from quant.stats import ActivationStats, LayerStats
 class SmoothQuantConfig(StrictModel):
     alpha: float = Field(0.5, ge=0, le=1)
     """Migration strength: 0 leaves activations alone, 1 moves all their range into the weights."""
+    linear_groups: bool = True
+    """Also smooth the groups fed by a linear; False smooths at norms only, as the paper."""
 
 
 def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
@@ -47,9 +51,9 @@ def smooth(model: nn.Module, stats: ActivationStats, cfg: SmoothQuantConfig) -> 
     layers = dict(stats.layers)
     for layer in decoder_layers(smoothed):
         for group in layer.groups:
-            if isinstance(group.prev, nn.Linear):
+            if isinstance(group.prev, nn.Linear) and not cfg.linear_groups:
                 continue
             s = smoothing_scales(stats.layers[group.names[0]].absmax, [lin.weight for lin in group.linears], cfg.alpha)
             fold_scales(group.prev, group.linears, s)
             layers.update({name: _divided(stats.layers[name], s) for name in group.names})
-    return smoothed, ActivationStats(layers=layers, meta=dict(stats.meta, smoothquant_alpha=cfg.alpha))
+    return smoothed, ActivationStats(layers=layers, meta=dict(stats.meta, smoothquant=cfg.model_dump()))

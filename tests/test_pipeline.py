@@ -66,3 +66,4 @@ def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     assert main(["run", str(recipe_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -50,3 +50,13 @@ def test_alpha_zero_moves_all_range_into_activations(tiny_model):
     # s = 1 / max|W_j| over q, k and v: every input column's largest weight becomes exactly 1
     qkv = [smoothed.get_submodule(Q.replace("q_proj", p)).weight for p in ("q_proj", "k_proj", "v_proj")]
     torch.testing.assert_close(torch.cat(qkv).abs().amax(0), torch.ones(qkv[0].shape[1]))
+
+
+def test_linear_groups_switch_smooths_down_proj_only_when_on(tiny_model):
+    stats = collect_stats(tiny_model, _samples(tiny_model.config.vocab_size))
+    down = "model.layers.0.mlp.down_proj"
+    norms_only, _ = smooth(tiny_model, stats, SmoothQuantConfig(linear_groups=False))
+    both, adjusted = smooth(tiny_model, stats, SmoothQuantConfig())
+    assert torch.equal(norms_only.get_submodule(down).weight, tiny_model.get_submodule(down).weight)
+    assert not torch.equal(both.get_submodule(down).weight, tiny_model.get_submodule(down).weight)
+    assert adjusted.meta["smoothquant"] == {"alpha": 0.5, "linear_groups": True}
