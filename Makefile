@@ -20,4 +20,4 @@ run: setup
 	$(VENV)/bin/calq run $(RECIPE)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
