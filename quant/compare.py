@@ -20,13 +20,15 @@ from quant.methods import QuantSpec  # noqa: E402
 from quant.pipeline import RunResult, run  # noqa: E402
 from quant.quantize import ActScheme, WeightScheme  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
+from quant.smoothquant import SmoothQuantConfig  # noqa: E402
 
 W8 = WeightScheme(bits=8, group_size=None, symmetric=True)
+SQ = SmoothQuantConfig(alpha=0.8)  # the SmoothQuant paper's choice for Llama-family models
 COMPARISON = (
-    QuantSpec(name="w8a8-minmax", weights=W8, activations=ActScheme(mode="dynamic")),
-    QuantSpec(name="w8a8-smoothquant", method="smoothquant", weights=W8, activations=ActScheme(mode="dynamic")),
-    QuantSpec(name="w8a8-static-minmax", weights=W8, activations=ActScheme(mode="static")),
-    QuantSpec(name="w8a8-static-smoothquant", method="smoothquant", weights=W8, activations=ActScheme(mode="static")),
+    *(spec for mode in ("dynamic", "static") for spec in (
+        QuantSpec(name=f"w8a8-{mode}-minmax", weights=W8, activations=ActScheme(mode=mode)),
+        QuantSpec(name=f"w8a8-{mode}-smoothquant", method="smoothquant", weights=W8, activations=ActScheme(mode=mode),
+                  smoothquant=SQ))),
     *(QuantSpec(name=f"w4a16-g{g}-{m}", method=m, weights=WeightScheme(bits=4, group_size=g))
       for g in (128, 32) for m in ("minmax", "awq")),
 )
