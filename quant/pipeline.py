@@ -109,6 +109,12 @@ def _save_quantized(result: QuantizeResult, tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path) -> tuple[Selection, ActivationStats]:
+    """The recipe's calibration samples and activation statistics, cached in `run_dir` (reused when fresh)."""
+    selection = _selection(recipe, tokenizer, run_dir / "calibration")
+    return selection, _stats(recipe, model, selection, run_dir / "stats")
+
+
 def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     run_dir = Path(run_dir or recipe.run_dir)
     timings: dict[str, float] = {}
