@@ -7,6 +7,7 @@ One module per pipeline stage, each with one public verb:
 
 from quant.cache import CalqError
 from quant.calibration import SelectConfig, Selection, select_samples
+from quant.checkpoint import load
 from quant.evaluate import EvalConfig, ModelEval, evaluate
 from quant.gate import GateReport, GateRule, check_gates
 from quant.models import ModelConfig, load_model
@@ -19,6 +20,6 @@ from quant.stats import ActivationStats, collect_stats
 __all__ = [
     "ActScheme", "ActivationStats", "CalqError", "EvalConfig", "GateReport", "GateRule", "ModelConfig", "ModelEval",
     "QuantLinear", "QuantSpec", "QuantizeResult", "Recipe", "RunResult", "SelectConfig", "Selection",
-    "WeightScheme", "check_gates", "collect_stats", "evaluate", "load_model", "load_recipe", "quantize", "run",
+    "WeightScheme", "check_gates", "collect_stats", "evaluate", "load", "load_model", "load_recipe", "quantize", "run",
     "quantize_variant", "select_samples",
 ]

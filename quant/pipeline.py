@@ -16,10 +16,11 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from quant.cache import atomic_path
 from quant.calibration import Sample, Selection, select_samples
+from quant.checkpoint import save_quantized
 from quant.evaluate import ModelEval, evaluate
 from quant.gate import GateReport, check_gates
 from quant.models import load_model
@@ -99,16 +100,6 @@ def _stats(recipe: Recipe, model, selection: Selection, directory: Path) -> Acti
     return stats
 
 
-def _save_quantized(result: QuantizeResult, tokenizer, directory: Path) -> None:
-    """Quantized weights (packed codes, scales, zeros) as safetensors, with the scheme in its metadata."""
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        meta = {"calq_spec": result.spec.model_dump_json(), "quantized_layers": json.dumps(result.quantized)}
-        save_model(result.model, str(tmp / "model.safetensors"), metadata=meta)
-        result.model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
 def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path) -> tuple[Selection, ActivationStats]:
     """The recipe's calibration samples and activation statistics, cached in `run_dir` (reused when fresh)."""
     selection = _selection(recipe, tokenizer, run_dir / "calibration")
@@ -136,7 +127,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     variants = {}
     for spec in recipe.quantize:
         variants[spec.name] = timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats, selection.token_ids)
-        _save_quantized(variants[spec.name], tokenizer, run_dir / "models" / spec.name)
+        save_quantized(variants[spec.name], tokenizer, run_dir / "models" / spec.name)
     models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}}
     evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
     gates = check_gates(evals, list(recipe.gates), REFERENCE)
