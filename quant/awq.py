@@ -124,7 +124,7 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def _layer_inputs(model: nn.Module, layers: list[Layer], samples: list[Tensor]) -> tuple[list[Tensor], list[list[dict]]]:
+def layer_inputs(model: nn.Module, layers: list[Layer], samples: list[Tensor]) -> tuple[list[Tensor], list[list[dict]]]:
     """Layer 0's hidden states per sample, and per layer and sample the keyword arguments the model
     passes (masks and rotary embeddings differ by layer type in Gemma3), without running any layer."""
     calls: list[list] = [[] for _ in layers]
@@ -182,7 +182,7 @@ def _capture(layer: Layer, sites: dict[tuple[str, ...], _Site], hidden: list[Ten
             handle.remove()
 
 
-def _subset(samples: list[Tensor], max_tokens: int) -> list[Tensor]:
+def calibration_subset(samples: list[Tensor], max_tokens: int) -> list[Tensor]:
     """Evenly spaced samples totalling about `max_tokens` tokens (at least one sample)."""
     mean_len = sum(len(s) for s in samples) / len(samples)
     k = min(len(samples), max(1, round(max_tokens / mean_len)))
@@ -190,27 +190,38 @@ def _subset(samples: list[Tensor], max_tokens: int) -> list[Tensor]:
 
 
 @torch.no_grad()
+def awq_layer(layer: Layer, hidden: list[Tensor], kwargs: list[dict], scheme: WeightScheme, cfg: AWQConfig) -> None:
+    """Search and fold AWQ scales and clip the weights of one decoder layer in place, on its inputs
+    `hidden` (one per sample, called with the matching `kwargs`)."""
+    sites = _sites(layer)
+    _capture(layer, sites, hidden, kwargs)
+    for group in layer.groups:
+        site = sites[group.names]
+        weight = torch.cat([lin.weight for lin in group.linears])
+        s = best_scales(site.sum_abs / site.tokens, site.gram, weight, scheme, cfg.grid)
+        fold_scales(group.prev, group.linears, s)
+        site.gram = site.gram / (s[:, None] * s[None, :])  # the linears now read X / s
+    if cfg.clip:
+        for site in sites.values():
+            for name, lin in zip(site.names, site.linears):
+                if name not in layer.unclipped:
+                    clip = best_clip(lin.weight, site.gram, scheme, cfg.clip_grid, cfg.max_shrink)
+                    lin.weight.copy_(clip_weight(lin.weight, scheme, clip))
+
+
+@torch.no_grad()
 def awq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: AWQConfig) -> nn.Module:
-    """Return a deep copy of `model` with AWQ scales folded in and weights clipped (still float)."""
+    """Return a deep copy of `model` with AWQ scales folded in and weights clipped (still float).
+
+    Each layer is calibrated on the float outputs of the layers before it, already transformed
+    (scaled and clipped) but not quantized; quant.sequential does the same by default.
+    """
     if not samples:
         raise CalqError("AWQ needs calibration samples; select samples first")
     smoothed = copy.deepcopy(model)
     layers = decoder_layers(smoothed)
-    hidden, kwargs = _layer_inputs(smoothed, layers, _subset(samples, cfg.max_tokens))
+    hidden, kwargs = layer_inputs(smoothed, layers, calibration_subset(samples, cfg.max_tokens))
     for layer, layer_kwargs in zip(tqdm(layers, desc="awq", unit="layer"), kwargs):
-        sites = _sites(layer)
-        _capture(layer, sites, hidden, layer_kwargs)
-        for group in layer.groups:
-            site = sites[group.names]
-            weight = torch.cat([lin.weight for lin in group.linears])
-            s = best_scales(site.sum_abs / site.tokens, site.gram, weight, scheme, cfg.grid)
-            fold_scales(group.prev, group.linears, s)
-            site.gram = site.gram / (s[:, None] * s[None, :])  # the linears now read X / s
-        if cfg.clip:
-            for site in sites.values():
-                for name, lin in zip(site.names, site.linears):
-                    if name not in layer.unclipped:
-                        clip = best_clip(lin.weight, site.gram, scheme, cfg.clip_grid, cfg.max_shrink)
-                        lin.weight.copy_(clip_weight(lin.weight, scheme, clip))
+        awq_layer(layer, hidden, layer_kwargs, scheme, cfg)
         hidden = [layer.module(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
     return smoothed

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from quant.mappings import decoder_layers, fold_scales
+from quant.mappings import Layer, decoder_layers, fold_scales
 from quant.schema import StrictModel
 from quant.stats import ActivationStats, LayerStats
 
@@ -41,6 +41,19 @@ def _divided(stats: LayerStats, s: Tensor) -> LayerStats:
 
 
 @torch.no_grad()
+def smooth_layer(layer: Layer, stats: dict[str, LayerStats], cfg: SmoothQuantConfig) -> dict[str, LayerStats]:
+    """Fold smoothing scales into one decoder layer in place; return the statistics of its smoothed
+    linears' inputs (X / s). `stats` are those of the layer's linears before smoothing."""
+    smoothed = {}
+    for group in layer.groups:
+        if isinstance(group.prev, nn.Linear) and not cfg.linear_groups:
+            continue
+        s = smoothing_scales(stats[group.names[0]].absmax, [lin.weight for lin in group.linears], cfg.alpha)
+        fold_scales(group.prev, group.linears, s)
+        smoothed.update({name: _divided(stats[name], s) for name in group.names})
+    return smoothed
+
+
 def smooth(model: nn.Module, stats: ActivationStats, cfg: SmoothQuantConfig) -> tuple[nn.Module, ActivationStats]:
     """Return a smoothed deep copy of `model` and the statistics of its smoothed linear inputs.
 
@@ -50,10 +63,5 @@ def smooth(model: nn.Module, stats: ActivationStats, cfg: SmoothQuantConfig) -> 
     smoothed = copy.deepcopy(model)
     layers = dict(stats.layers)
     for layer in decoder_layers(smoothed):
-        for group in layer.groups:
-            if isinstance(group.prev, nn.Linear) and not cfg.linear_groups:
-                continue
-            s = smoothing_scales(stats.layers[group.names[0]].absmax, [lin.weight for lin in group.linears], cfg.alpha)
-            fold_scales(group.prev, group.linears, s)
-            layers.update({name: _divided(stats.layers[name], s) for name in group.names})
+        layers.update(smooth_layer(layer, stats.layers, cfg))
     return smoothed, ActivationStats(layers=layers, meta=dict(stats.meta, smoothquant=cfg.model_dump()))

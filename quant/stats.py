@@ -6,7 +6,9 @@ Saved as safetensors (the tensors) + JSON (what produced them), and loaded back 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,25 @@ class ActivationStats:
                 for name, s in self.layers.items()}
 
 
+@contextlib.contextmanager
+def recording(module: nn.Module, prefix: str = "") -> Iterator[dict[str, LayerStats]]:
+    """Statistics of every nn.Linear input inside `module` (named `prefix`), updated while the block runs.
+
+    The sequential path records one decoder layer at a time with it, the whole-model path the model.
+    """
+    layers: dict[str, LayerStats] = {}
+    handles = []
+    for name, mod in module.named_modules(prefix=prefix):
+        if isinstance(mod, nn.Linear):
+            layers[name] = LayerStats.empty(mod.in_features)
+            handles.append(mod.register_forward_pre_hook(lambda _m, args, s=layers[name]: s.update(args[0])))
+    try:
+        yield layers
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.inference_mode()
 def collect_stats(model: nn.Module, samples: list[Tensor], meta: dict | None = None) -> ActivationStats:
     """Run each sample (a 1-D tensor of token ids) through `model` and reduce every nn.Linear input.
@@ -89,17 +110,8 @@ def collect_stats(model: nn.Module, samples: list[Tensor], meta: dict | None = N
     """
     if not samples:
         raise CalqError("no calibration samples to collect statistics from; select samples first")
-    layers: dict[str, LayerStats] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            layers[name] = LayerStats.empty(mod.in_features)
-            handles.append(mod.register_forward_pre_hook(lambda _m, args, s=layers[name]: s.update(args[0])))
     device = next(model.parameters()).device
-    try:
+    with recording(model) as layers:
         for ids in tqdm(samples, desc="activation stats", unit="sample"):
             model(input_ids=ids.reshape(1, -1).to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return ActivationStats(layers=layers, meta=dict(meta or {}, samples=len(samples)))
