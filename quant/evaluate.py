@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from quant import metrics
 from quant.cache import CalqError
 from quant.data import MCItem, load_documents, load_mmlu
+from quant.lens import LensConfig
 from quant.schema import StrictModel
 
 LETTERS = "ABCD"
@@ -45,6 +46,8 @@ class EvalConfig(StrictModel):
     text: TextEvalConfig = TextEvalConfig()
     mmlu: MMLUConfig | None = MMLUConfig()
     ece_bins: int = Field(15, ge=2)
+    logit_lens: LensConfig | None = None
+    """Layer-wise calibration (quant/lens.py) on a few evaluation windows; null skips it."""
 
 
 @dataclass

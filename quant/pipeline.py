@@ -21,8 +21,10 @@ from safetensors.torch import load_file, save_file
 from quant.cache import atomic_path
 from quant.calibration import Sample, Selection, select_samples
 from quant.checkpoint import save_quantized
-from quant.evaluate import ModelEval, evaluate
+from quant.bands import band_table
+from quant.evaluate import ModelEval, eval_windows, evaluate
 from quant.gate import GateReport, check_gates
+from quant.lens import layer_calibration
 from quant.models import load_model
 from quant.plots import reliability_diagram
 from quant.methods import quantize_variant
@@ -130,6 +132,12 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         save_quantized(variants[spec.name], tokenizer, run_dir / "models" / spec.name)
     models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}}
     evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
+    lens = None
+    if recipe.evaluation.logit_lens is not None:  # where in depth quantization moves confidence
+        lens_text = recipe.evaluation.text.model_copy(update=recipe.evaluation.logit_lens.model_dump())
+        windows = eval_windows(tokenizer, lens_text)
+        lens = timed("logit_lens", layer_calibration, models, windows, recipe.evaluation.ece_bins)
+        lens.plot(run_dir / "layerwise.png", f"layer-wise calibration ({recipe.name})")
     gates = check_gates(evals, list(recipe.gates), REFERENCE)
     gates.save(run_dir / "gate.json")
 
@@ -156,6 +164,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         "evaluation": evaluation,
         "gates": {"passed": gates.passed, "results": [r.__dict__ for r in gates.results],
                   "lines": [r.line() for r in gates.results]},
+        "logit_lens": lens.table() if lens else None,
+        "confidence_bands": {},
         "timings": timings,
         "peak_rss_mb": peak_mb,
         "torch_threads": torch.get_num_threads(),
@@ -166,5 +176,6 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
             reliability_diagram({n: (p.confidence, p.correct) for n, p in preds.items()},
                                 run_dir / f"reliability_{kind}.png", f"{kind} reliability ({recipe.name})",
                                 recipe.evaluation.ece_bins)
+            report["confidence_bands"][kind] = {n: band_table(p.confidence, p.correct) for n, p in preds.items()}
     write_report(report, run_dir)
     return RunResult(run_dir, selection, stats, variants, evals, gates, report)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quant.bands import markdown as bands_markdown
 from quant.cache import write_text_atomic
+from quant.lens import markdown as lens_markdown
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -58,6 +60,11 @@ def markdown(report: dict) -> str:
     if report["gates"]["results"]:
         lines += ["", f"## Gate: {'PASS' if report['gates']['passed'] else 'FAIL'}"]
         lines += [f"- {r}" for r in report["gates"]["lines"]]
+    if report.get("logit_lens"):
+        lines += ["", f"## Layer-wise calibration (logit lens, {report['logit_lens']['tokens']} tokens; layerwise.png)",
+                  lens_markdown(report["logit_lens"])]
+    for kind, tables in report.get("confidence_bands", {}).items():
+        lines += ["", f"## Confidence bands ({kind})", bands_markdown(tables, "tokens" if kind == "token" else "items")]
     lines += ["", "## Timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,55 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from quant.evaluate import EvalConfig, TextEvalConfig, eval_windows, evaluate
+from quant.lens import layer_calibration, markdown
+from quant.methods import QuantSpec
+from quant.quantize import WeightScheme, quantize
+
+TEXT = TextEvalConfig(windows=2, seq_len=64)
+
+
+def test_last_layer_is_the_models_own_prediction(tiny_model, tokenizer, tmp_path):
+    w4 = quantize(tiny_model, QuantSpec(name="w4", weights=WeightScheme(bits=4, group_size=32))).model
+    models = {"fp": tiny_model, "w4": w4}
+    windows = eval_windows(tokenizer, TEXT)
+    lens = layer_calibration(models, windows, n_bins=10)
+    evals = evaluate(models, tokenizer, EvalConfig(text=TEXT, mmlu=None, ece_bins=10), reference="fp")
+    n_layers = tiny_model.config.num_hidden_layers
+    assert lens.tokens == 2 * 63
+    for name in models:
+        rows = lens.layers[name]
+        assert [r["layer"] for r in rows] == list(range(n_layers + 1))  # embeddings + every decoder layer
+        own = evals[name].text
+        assert rows[-1]["accuracy"] == own["accuracy"]  # same argmax on every token
+        assert rows[-1]["mean_confidence"] == pytest.approx(own["mean_confidence"], abs=1e-6)
+        assert rows[-1]["ece"] == pytest.approx(own["ece"], abs=1e-6)
+        for r in rows:
+            assert 0 <= r["ece"] <= r["mce"] <= 1 and 0 <= r["accuracy"] <= 1 and 0 < r["mean_confidence"] <= 1
+    lens.plot(tmp_path / "layerwise.png", "tiny")
+    assert (tmp_path / "layerwise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = markdown(lens.table())
+    assert table.count("\n") == 1 + n_layers + 1 and "fp: acc / conf / ECE / MCE" in table
+
+
+def test_middle_layer_reads_out_through_the_models_own_norm(tiny_model, tokenizer):
+    """Layer 1 of the lens equals the output of the same model cut after its first layer. The final norm's
+    weight is randomized so Gemma's (1 + w) scaling differs from plain w."""
+    torch.manual_seed(1)
+    tiny_model.model.norm.weight.normal_()
+    cut = copy.deepcopy(tiny_model)
+    cut.model.layers = cut.model.layers[:1]
+    cut.config.num_hidden_layers = 1
+    windows = eval_windows(tokenizer, TEXT)
+    rows = layer_calibration({"m": tiny_model}, windows).layers["m"]
+    row = rows[1]
+    with torch.inference_mode():
+        probs = [cut(input_ids=w[None, :-1]).logits[0].softmax(-1) for w in windows]
+    conf = torch.cat([p.max(-1).values for p in probs]).double().numpy()
+    correct = torch.cat([p.argmax(-1) == w[1:] for p, w in zip(probs, windows)]).numpy()
+    assert row["accuracy"] == correct.mean()
+    assert row["mean_confidence"] == pytest.approx(conf.mean(), abs=1e-6)
+    assert not np.isclose(row["mean_confidence"], rows[2]["mean_confidence"])  # a different readout per layer
