@@ -43,6 +43,20 @@ def _gate(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _ask(args: argparse.Namespace) -> int:
+    from quant.ask import ask, load_for_ask
+    from quant.bands import BandConfig
+
+    try:
+        bands = BandConfig(abstain_below=args.abstain_below, very_sure=args.very_sure)
+    except ValueError as err:
+        raise CalqError(f"bad --abstain-below / --very-sure: {err.errors()[0]['msg']}") from None
+    model, tokenizer = load_for_ask(args.model, args.variant)
+    answer = ask(model, tokenizer, args.question, args.choices, bands, args.max_new_tokens)
+    print("\n".join(answer.lines()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calq", description="Calibration-aware post-training quantization for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("gate", help="print the gate verdict of a run; exit 0 if every gate passed, else 1")
     p.add_argument("run_dir", help="a run directory (or its gate.json)")
     p.set_defaults(fn=_gate)
+    p = sub.add_parser("ask", help="ask a model a question; prints the answer, its confidence and its band")
+    p.add_argument("model", help="a run directory (with --variant), a calq checkpoint directory or a model source")
+    p.add_argument("question")
+    p.add_argument("--variant", default=None, help="which model of a run directory: fp or a quantized variant")
+    p.add_argument("--choices", nargs="+", default=None, metavar="TEXT", help="2-4 answer options (multiple choice)")
+    p.add_argument("--abstain-below", type=float, default=0.40, help="withhold answers less confident than this")
+    p.add_argument("--very-sure", type=float, default=0.75, help="confidence from which an answer is 'very sure'")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a free-text answer")
+    p.set_defaults(fn=_ask)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

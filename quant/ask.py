@@ -1,0 +1,123 @@
+"""Ask a (quantized, possibly re-calibrated) model a question and say how sure it is, in words.
+
+Multiple choice: the letters are scored exactly as the MMLU evaluation scores them, so the confidence is
+the one whose calibration the report measured. Free text: a short greedy answer, banded by its least
+confident token (one shaky token is enough to make a short factual answer wrong). Below the abstention
+threshold the answer is withheld.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from quant.bands import ABSTAIN, UNSURE, BandConfig, band_of
+from quant.cache import CalqError
+from quant.data import MCItem
+from quant.evaluate import LETTERS, letter_token_ids, mmlu_prompt
+
+REFERENCE = "fp"
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str | None
+    """The answer; None when the model abstains."""
+    confidence: float
+    band: str
+    alternatives: list[tuple[str, float]] = field(default_factory=list)
+    """Runner-up answers (choices, or tokens at the least confident position) with their probabilities."""
+    mean_token_confidence: float | None = None  # free text only
+
+    def lines(self) -> list[str]:
+        out = [f"answer: {self.text if self.text is not None else '(withheld)'}",
+               f"confidence: {self.confidence:.2f}"
+               + (f" (least confident token; mean {self.mean_token_confidence:.2f})"
+                  if self.mean_token_confidence is not None else ""),
+               f"band: {self.band}"]
+        if self.alternatives:
+            out.append("alternatives: " + ", ".join(f"{a!r} {p:.2f}" for a, p in self.alternatives))
+        return out
+
+
+def load_for_ask(path: str | Path, variant: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A run directory (with `variant`; "fp" is the recipe's own model), a calq checkpoint directory, or
+    any model source `load_model` accepts."""
+    from quant.checkpoint import MANIFEST, load
+    from quant.models import ModelConfig, load_model
+
+    path = Path(path).expanduser()
+    if (path / "models").is_dir():
+        names = sorted(p.name for p in (path / "models").iterdir() if p.is_dir())
+        if variant == REFERENCE:
+            recipe = json.loads((path / "recipe.json").read_text())
+            return load_model(ModelConfig.model_validate(recipe["model"]))
+        if variant not in names:
+            raise CalqError(f"{path} is a run directory: pick a model with --variant "
+                            f"({', '.join([REFERENCE, *names])})")
+        return load(path / "models" / variant)
+    if variant is not None:
+        raise CalqError(f"--variant {variant} needs a run directory; {path} is a single model")
+    if (path / MANIFEST).is_file():
+        return load(path)
+    return load_model(ModelConfig(source=str(path)))
+
+
+@torch.inference_mode()
+def _choice_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, choices: list[str],
+                   cfg: BandConfig) -> Answer:
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise CalqError(f"{len(choices)} choices given; multiple choice takes 2 to {len(LETTERS)}")
+    chat = bool(tokenizer.chat_template)
+    item = MCItem("ask", "general knowledge", question, tuple(choices), -1)
+    ids = tokenizer(mmlu_prompt(item, tokenizer, chat), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1).logits
+    probs = logits[0, -1, letter_token_ids(tokenizer, chat)[:len(choices)]].float().softmax(-1).cpu()
+    ranked = [(f"{LETTERS[i]}. {choices[i]}", float(probs[i])) for i in probs.argsort(descending=True).tolist()]
+    (best, conf), band = ranked[0], band_of(float(probs.max()), cfg)
+    return Answer(None if band == ABSTAIN else best, conf, band, ranked[1:] if band == UNSURE else [])
+
+
+@torch.inference_mode()
+def _free_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, cfg: BandConfig,
+                 max_new_tokens: int) -> Answer:
+    prompt = (tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                            add_generation_prompt=True)
+              if tokenizer.chat_template else f"Question: {question}\nAnswer:")
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    eos = model.generation_config.eos_token_id
+    stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=sorted(stop) or None,
+                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop, default=0),
+                         output_logits=True, return_dict_in_generate=True, top_p=None, top_k=None,
+                         temperature=None)
+    tokens = out.sequences[0, ids.shape[1]:].cpu()
+    keep = [i for i, t in enumerate(tokens.tolist()) if t not in stop]  # the stop token is not the answer
+    if not keep:
+        return Answer(None, 0.0, ABSTAIN)
+    probs = torch.stack([out.logits[i][0].float().softmax(-1).cpu() for i in keep])
+    token_conf = probs[torch.arange(len(keep)), tokens[keep]]  # the model's own (raw) probability of each token
+    weakest = int(token_conf.argmin())
+    conf, band = float(token_conf[weakest]), band_of(float(token_conf[weakest]), cfg)
+    alternatives = []
+    if band == UNSURE:
+        top = probs[weakest].topk(4)
+        alternatives = [(tokenizer.decode([t]), float(p)) for p, t in zip(top.values, top.indices)
+                        if t != tokens[keep[weakest]]][:3]
+    text = tokenizer.decode(tokens[keep], skip_special_tokens=True).strip()
+    return Answer(None if band == ABSTAIN else text, conf, band, alternatives, float(token_conf.mean()))
+
+
+def ask(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, choices: list[str] | None = None,
+        cfg: BandConfig = BandConfig(), max_new_tokens: int = 48) -> Answer:
+    """Answer `question` (multiple choice when `choices` are given) with its confidence and band."""
+    if choices:
+        return _choice_answer(model, tokenizer, question, choices, cfg)
+    return _free_answer(model, tokenizer, question, cfg, max_new_tokens)
