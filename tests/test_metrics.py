@@ -287,7 +287,8 @@ def test_bootstrap_narrows_with_more_data():
     assert widths[0] / widths[1] == pytest.approx(4.0, rel=0.35)  # width ~ 1/sqrt(n)
 
 
-@pytest.mark.parametrize("metric", [m.ece, m.mce, functools.partial(m.ece, n_bins=8)])
+@pytest.mark.parametrize("metric", [m.ece, m.mce, functools.partial(m.ece, n_bins=8),
+                                    functools.partial(m.ece, binning="mass"), m.auroc, m.aurc])
 def test_bootstrap_fast_path_equals_per_resample_loop(metric):
     conf, correct = sample(3000, seed=10)
     fast = m.bootstrap_ci(metric, conf, correct, n_boot=300, seed=1)
@@ -310,13 +311,76 @@ def test_bootstrap_multiarray_and_nan_resamples():
 
 def test_summarize():
     conf, correct = sample(4000, seed=13)
-    s = m.summarize(conf, correct, n_bins=10)
-    assert set(s) == {"n", "accuracy", "mean_confidence", "ece", "ece_mass", "mce", "auroc", "aurc"}
+    nll = -np.log(np.where(correct, conf, 1 - conf))
+    s = m.summarize(conf, correct, n_bins=10, threshold=0.8, means={"nll": nll})
+    assert set(s) == {"n", "accuracy", "mean_confidence", "ece", "ece_mass", "mce", "auroc", "aurc",
+                      "selective_coverage", "selective_accuracy", "nll"}
     assert s["n"] == 4000
     assert s["accuracy"] == pytest.approx(correct.mean()) and s["mean_confidence"] == pytest.approx(conf.mean())
-    assert s["ece"] == m.ece(conf, correct, 10) and s["ece_mass"] == m.ece(conf, correct, 10, "mass")
-    assert s["mce"] == m.mce(conf, correct, 10)
-    assert s["auroc"] == m.auroc(conf, correct) and s["aurc"] == m.aurc(conf, correct)
+    assert s["ece"] == pytest.approx(m.ece(conf, correct, 10), abs=1e-12)
+    assert s["ece_mass"] == pytest.approx(m.ece(conf, correct, 10, "mass"), abs=1e-12)
+    assert s["mce"] == pytest.approx(m.mce(conf, correct, 10), abs=1e-12)
+    assert s["auroc"] == pytest.approx(roc_auc_score(correct, conf), abs=1e-12)
+    assert s["aurc"] == pytest.approx(m.aurc(conf, correct), abs=1e-12)
+    assert (s["selective_coverage"], s["selective_accuracy"]) == pytest.approx(m.selective_at(conf, correct, 0.8))
+    assert s["nll"] == pytest.approx(nll.mean())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_weighted_rows_equal_the_metrics_of_repeated_items(ties):
+    """A resample row of integer weights means "item i drawn w_i times": every batched metric must equal
+    the plain metric on the explicitly repeated items (ties included: equal-mass edges, AUROC, AURC)."""
+    rng = np.random.default_rng(15)
+    conf, correct = sample(700, seed=15)
+    if ties:
+        conf = np.round(conf * 4) / 4  # 5 distinct values, many exactly 1.0
+    weights = rng.integers(0, 4, (6, conf.size))
+    batched = m.summarize_batched(conf, correct, weights, n_bins=12, threshold=0.7)
+    for row, w in enumerate(weights):
+        rep = np.repeat(np.arange(conf.size), w)
+        c, k = conf[rep], correct[rep]
+        want = {"ece": m.ece(c, k, 12), "ece_mass": m.ece(c, k, 12, "mass"), "mce": m.mce(c, k, 12),
+                "auroc": roc_auc_score(k, c), "aurc": m.aurc(c, k), "accuracy": k.mean(), "n": len(rep),
+                "selective_coverage": m.selective_at(c, k, 0.7)[0], "selective_accuracy": m.selective_at(c, k, 0.7)[1]}
+        for key, value in want.items():
+            assert batched[key][row] == pytest.approx(value, abs=1e-12), (key, row)
+
+
+def test_cluster_bootstrap_is_wider_for_correlated_items():
+    """Tokens of one window share its difficulty: resampling items as if independent understates the
+    uncertainty; resampling whole windows does not."""
+    rng = np.random.default_rng(16)
+    windows, per = 40, 500
+    difficulty = np.repeat(rng.uniform(0.2, 0.8, windows), per)  # per-window accuracy
+    conf = np.clip(difficulty + rng.normal(0, 0.05, difficulty.size), 0.01, 0.99)
+    correct = rng.random(difficulty.size) < difficulty
+    cluster = np.repeat(np.arange(windows), per)
+    _, lo_i, hi_i = m.bootstrap_ci(lambda c, k: float(np.mean(k)), conf, correct, n_boot=300)
+    _, lo_c, hi_c = m.bootstrap_ci(lambda c, k: float(np.mean(k)), conf, correct, n_boot=300, cluster=cluster)
+    assert (hi_c - lo_c) > 4 * (hi_i - lo_i)
+    # the cluster interval covers the window-level spread: sd of 40 window means ~ 0.173 / sqrt(40)
+    assert (hi_c - lo_c) == pytest.approx(2 * 1.96 * difficulty[::per].std() / np.sqrt(windows), rel=0.3)
+
+
+def test_cluster_resamples_draw_whole_clusters_deterministically():
+    cluster = np.array([5, 5, 5, 9, 9, 2])
+    rows = np.concatenate(list(m.cluster_resamples(cluster, n_boot=50, seed=1, max_cells=60)))  # 5 chunks
+    assert rows.shape == (50, 6)
+    assert (rows[:, 0] == rows[:, 1]).all() and (rows[:, 1] == rows[:, 2]).all() and (rows[:, 3] == rows[:, 4]).all()
+    np.testing.assert_array_equal(rows[:, [0, 3, 5]].sum(1), 3)  # 3 clusters drawn per resample
+    again = np.concatenate(list(m.cluster_resamples(cluster, n_boot=50, seed=1, max_cells=60)))
+    np.testing.assert_array_equal(rows, again)
+
+
+def test_bootstrap_of_20k_tokens_in_40_windows_takes_seconds():
+    import time
+    rng = np.random.default_rng(17)
+    conf = rng.uniform(0, 1, 20480).astype(np.float32).astype(np.float64)
+    correct = rng.random(conf.size) < conf
+    t0 = time.perf_counter()
+    n = sum(len(m.summarize_batched(conf, correct, w, means={"nll": conf})["ece"])
+            for w in m.cluster_resamples(np.repeat(np.arange(40), 512), n_boot=1000))
+    assert n == 1000 and time.perf_counter() - t0 < 20  # every metric: ~4 s on 2 busy CPU cores
 
 
 def test_torch_inputs():
