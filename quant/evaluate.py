@@ -2,8 +2,13 @@
 
 Two signals: next-token prediction on held-out text (perplexity, top-1 accuracy, confidence
 calibration, and KL / top-1 agreement against the reference model, computed on the fly so no logits
-are stored) and MMLU letter scoring on a stratified subset (accuracy, ECE, Brier, answer spread).
+are stored) and MMLU letter scoring on a stratified subset (accuracy, calibration, answer spread).
 All models see the same batches in the same order, so the comparison is paired.
+
+Two steps, kept apart so a distributed wrapper can shard windows / items, gather the raw arrays and reduce:
+`collect_text` / `collect_mmlu` produce per-token / per-item arrays (`Predictions`), `reduce` turns them into
+metrics, each with a bootstrap interval, and changes against the reference with a paired bootstrap interval.
+Tokens of one window are correlated, so text resamples whole windows (cluster bootstrap); MMLU resamples items.
 """
 
 from __future__ import annotations
@@ -42,23 +47,57 @@ class MMLUConfig(StrictModel):
     seed: int = 0
 
 
+class BootstrapConfig(StrictModel):
+    resamples: int = Field(1000, ge=20)
+    level: float = Field(0.95, gt=0.5, lt=1)
+    """Confidence level of every interval (0.95: the 2.5th and 97.5th percentiles of the resamples)."""
+    seed: int = 0
+
+
 class EvalConfig(StrictModel):
     text: TextEvalConfig = TextEvalConfig()
     mmlu: MMLUConfig | None = MMLUConfig()
     ece_bins: int = Field(15, ge=2)
+    selective_threshold: float = Field(0.75, gt=0, le=1)
+    """Selective prediction: accuracy and coverage of the predictions at least this confident."""
+    bootstrap: BootstrapConfig = BootstrapConfig()
     logit_lens: LensConfig | None = None
     """Layer-wise calibration (quant/lens.py) on a few evaluation windows; null skips it."""
 
 
 @dataclass
 class Predictions:
-    """Per-item confidence and correctness: what calibration metrics and plots are computed from."""
+    """Raw per-item arrays of one model on one kind of data (text tokens or MMLU items): everything its
+    metrics, intervals and plots are reduced from."""
 
     confidence: np.ndarray
     correct: np.ndarray
+    prediction: np.ndarray
+    """Predicted class: token id (text) or answer letter index (MMLU)."""
+    cluster: np.ndarray
+    """Bootstrap resampling unit of each item: its window (text) or the item itself (MMLU)."""
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-item quantities reported as their mean: nll, brier, kl_to_reference, top1_agreement."""
 
-    def summary(self, n_bins: int) -> dict[str, float]:
-        return metrics.summarize(self.confidence, self.correct, n_bins=n_bins)
+    @classmethod
+    def concatenate(cls, parts: list[Predictions]) -> Predictions:
+        """Join shards (in order); cluster ids are offset so clusters of different shards stay distinct."""
+        offsets = np.cumsum([0] + [int(p.cluster.max()) + 1 if len(p.cluster) else 0 for p in parts[:-1]])
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("confidence", "correct", "prediction")),
+                   np.concatenate([p.cluster + o for p, o in zip(parts, offsets)]),
+                   {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values})
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate and its bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
 
 @dataclass
@@ -66,6 +105,11 @@ class ModelEval:
     text: dict[str, float] = field(default_factory=dict)
     mmlu: dict[str, float] = field(default_factory=dict)
     answer_distribution: dict[str, int] = field(default_factory=dict)
+    intervals: dict[str, Estimate] = field(default_factory=dict)
+    """`text.ece` -> point and bootstrap interval, for every metric of `text` and `mmlu` (except n)."""
+    vs_reference: dict[str, dict[str, Estimate]] = field(default_factory=dict)
+    """`text.ece` -> {"difference": this - reference, "ratio": this / reference}, paired bootstrap intervals
+    (the same resampled windows / items for both models); empty for the reference itself."""
     token_predictions: Predictions | None = None
     mmlu_predictions: Predictions | None = None
 
@@ -86,8 +130,10 @@ def eval_windows(tokenizer: PreTrainedTokenizerBase, cfg: TextEvalConfig) -> lis
 
 
 @torch.inference_mode()
-def _text_eval(models: dict[str, nn.Module], windows: list[Tensor], reference: str) -> dict[str, dict]:
-    acc = {name: {"nll": [], "conf": [], "correct": [], "brier": [], "kl": [], "agree": []} for name in models}
+def collect_text(models: dict[str, nn.Module], windows: list[Tensor], reference: str) -> dict[str, Predictions]:
+    """Per-token predictions of every model on `windows`; KL and agreement are against `reference`."""
+    acc = {name: {"conf": [], "pred": [], "correct": [], "nll": [], "brier": [], "kl": [], "agree": []}
+           for name in models}
     for ids in tqdm(windows, desc="eval text", unit="window"):
         x, target = ids[None, :-1], ids[1:]
         ref_logp = None
@@ -98,16 +144,24 @@ def _text_eval(models: dict[str, nn.Module], windows: list[Tensor], reference: s
             p = logp.exp()
             conf, pred = p.max(-1)
             a = acc[name]
-            a["nll"].append(-logp.gather(-1, target[:, None])[:, 0])
             a["conf"].append(conf)
+            a["pred"].append(pred)
             a["correct"].append(pred == target)
+            a["nll"].append(-logp.gather(-1, target[:, None])[:, 0])
             # multiclass Brier over the vocabulary: sum_c p_c^2 - 2 p_y + 1
             a["brier"].append((p * p).sum(-1) - 2 * p.gather(-1, target[:, None])[:, 0] + 1)
             if ref_logp is None:
                 ref_logp, ref_p, ref_pred = logp, p, pred
             a["kl"].append((ref_p * (ref_logp - logp)).sum(-1))
             a["agree"].append(pred == ref_pred)
-    return {name: {k: torch.cat(v).numpy() for k, v in a.items()} for name, a in acc.items()}
+    cluster = np.repeat(np.arange(len(windows)), [len(w) - 1 for w in windows])
+    out = {}
+    for name, a in acc.items():
+        t = {k: torch.cat(v).numpy() for k, v in a.items()}
+        out[name] = Predictions(t["conf"].astype(np.float64), t["correct"], t["pred"], cluster,
+                                {"nll": t["nll"], "brier": t["brier"], "kl_to_reference": t["kl"],
+                                 "top1_agreement": t["agree"].astype(np.float64)})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,32 +224,93 @@ def _mmlu_eval(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,
     return probs
 
 
+def collect_mmlu(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
+                 cfg: MMLUConfig) -> dict[str, Predictions]:
+    """Per-item predictions of every model on `items` (letter probabilities renormalized over A-D)."""
+    labels = np.array([it.answer for it in items])
+    rows = np.arange(len(items))
+    out = {}
+    for name, p in _mmlu_eval(models, tokenizer, items, cfg).items():
+        p_true = p[rows, labels]
+        out[name] = Predictions(p.max(1), p.argmax(1) == labels, p.argmax(1), rows,
+                                {"nll": -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0)),
+                                 "brier": (p * p).sum(1) - 2 * p_true + 1})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduction: metrics with bootstrap intervals
+# ----------------------------------------------------------------------------------------------
+
+def _reduce_kind(preds: dict[str, Predictions], cfg: EvalConfig, reference: str, perplexity: bool
+                 ) -> dict[str, tuple[dict[str, float], dict[str, Estimate], dict[str, dict[str, Estimate]]]]:
+    """(points, intervals, changes vs reference) per model. All models share one set of resamples."""
+    cluster = preds[reference].cluster
+    for name, p in preds.items():
+        if not np.array_equal(p.cluster, cluster):
+            raise ValueError(f"{name!r} was evaluated on other items than {reference!r}; paired intervals need the same")
+    kw = dict(n_bins=cfg.ece_bins, threshold=cfg.selective_threshold)
+    points = {name: metrics.summarize(p.confidence, p.correct, means=p.values, **kw) for name, p in preds.items()}
+    chunks: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in preds}
+    for w in metrics.cluster_resamples(cluster, cfg.bootstrap.resamples, cfg.bootstrap.seed):
+        for name, p in preds.items():
+            chunks[name].append(metrics.summarize_batched(p.confidence, p.correct, w, means=p.values, **kw))
+    samples = {name: {k: np.concatenate([c[k] for c in cs]) for k in cs[0] if k != "n"} for name, cs in chunks.items()}
+    if perplexity:
+        for name in preds:
+            points[name]["perplexity"] = float(np.exp(points[name]["nll"]))
+            samples[name]["perplexity"] = np.exp(samples[name]["nll"])
+    alpha = 1 - cfg.bootstrap.level
+
+    def estimate(value: float, resampled: np.ndarray) -> Estimate:
+        return Estimate(float(value), *metrics.percentile_interval(resampled, alpha))
+
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name in preds:
+            pt, sm, ref_pt, ref_sm = points[name], samples[name], points[reference], samples[reference]
+            intervals = {k: estimate(pt[k], sm[k]) for k in sm}
+            changes = {} if name == reference else {
+                k: {"difference": estimate(pt[k] - ref_pt[k], sm[k] - ref_sm[k]),
+                    "ratio": estimate(np.divide(pt[k], ref_pt[k]), sm[k] / ref_sm[k])} for k in sm}
+            out[name] = (pt, intervals, changes)
+    return out
+
+
+def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, reference: str) -> dict[str, ModelEval]:
+    """Metrics of every model from collected predictions ({"text": {model: ...}, "mmlu": {model: ...}})."""
+    names = list(predictions["text"])
+    results = {name: ModelEval() for name in names}
+    for kind, section in (("text", "text"), ("mmlu", "mmlu")):
+        if kind not in predictions:
+            continue
+        for name, (points, intervals, changes) in _reduce_kind(predictions[kind], cfg, reference,
+                                                                perplexity=kind == "text").items():
+            r = results[name]
+            setattr(r, section, points)
+            r.intervals.update({f"{section}.{k}": v for k, v in intervals.items()})
+            r.vs_reference.update({f"{section}.{k}": v for k, v in changes.items()})
+    for name, r in results.items():
+        r.token_predictions = predictions["text"][name]
+        if "mmlu" in predictions:
+            r.mmlu_predictions = predictions["mmlu"][name]
+            counts = Counter(LETTERS[i] for i in r.mmlu_predictions.prediction)
+            r.answer_distribution = {letter: counts.get(letter, 0) for letter in LETTERS}
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
 # The stage's verb
 # ----------------------------------------------------------------------------------------------
 
 def evaluate(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
              reference: str) -> dict[str, ModelEval]:
-    """Evaluate every model on the same held-out data; KL and agreement are measured against `reference`."""
+    """Evaluate every model on the same held-out data; KL, agreement and the paired changes are against
+    `reference`. Every metric comes with a bootstrap interval (see `reduce`)."""
     if reference not in models:
         raise ValueError(f"reference model {reference!r} is not among {sorted(models)}")
-    results = {name: ModelEval() for name in models}
-    text = _text_eval(models, eval_windows(tokenizer, cfg.text), reference)
-    for name, t in text.items():
-        preds = Predictions(t["conf"], t["correct"])
-        r = results[name]
-        r.token_predictions = preds
-        r.text = {"perplexity": float(np.exp(t["nll"].mean())), "nll": float(t["nll"].mean()),
-                  "brier": float(t["brier"].mean()), "kl_to_reference": float(t["kl"].mean()),
-                  "top1_agreement": float(t["agree"].mean()), **preds.summary(cfg.ece_bins)}
+    predictions = {"text": collect_text(models, eval_windows(tokenizer, cfg.text), reference)}
     if cfg.mmlu is not None:
         items = stratified_items(load_mmlu("report"), cfg.mmlu.per_subject, cfg.mmlu.seed)
-        labels = np.array([it.answer for it in items])
-        for name, p in _mmlu_eval(models, tokenizer, items, cfg.mmlu).items():
-            preds = Predictions(p.max(1), p.argmax(1) == labels)
-            r = results[name]
-            r.mmlu_predictions = preds
-            r.mmlu = {"brier": metrics.brier(p, labels), "nll": metrics.nll(p, labels), **preds.summary(cfg.ece_bins)}
-            counts = Counter(LETTERS[i] for i in p.argmax(1))
-            r.answer_distribution = {letter: counts.get(letter, 0) for letter in LETTERS}
-    return results
+        predictions["mmlu"] = collect_mmlu(models, tokenizer, items, cfg.mmlu)
+    return reduce(predictions, cfg, reference)

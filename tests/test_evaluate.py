@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from quant import metrics
-from quant.evaluate import EvalConfig, MMLUConfig, TextEvalConfig, evaluate, letter_token_ids, mmlu_prompt, stratified_items
+from quant.evaluate import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig, evaluate,
+                            letter_token_ids, mmlu_prompt, reduce, stratified_items)
 from quant.data import load_mmlu
 from quant.methods import QuantSpec
 from quant.quantize import WeightScheme, quantize
@@ -29,6 +30,55 @@ def test_evaluate_pairs_models_on_real_heldout_data(tiny_model, tokenizer):
         assert r.text["accuracy"] == pytest.approx(p.correct.mean())
         assert sum(r.answer_distribution.values()) == 57 == r.mmlu["n"]
         assert 0 <= r.mmlu["brier"] <= 2 and 0.25 <= r.mmlu["mean_confidence"] <= 1
+        m = r.mmlu_predictions
+        assert r.mmlu["accuracy"] == pytest.approx(m.correct.mean()) and r.mmlu["nll"] == pytest.approx(m.values["nll"].mean())
+        # every metric has an interval around its point; text resamples whole windows
+        for key in ("text.ece", "text.ece_mass", "text.mce", "text.brier", "text.nll", "text.auroc", "text.aurc",
+                    "text.selective_accuracy", "text.selective_coverage", "text.accuracy", "text.perplexity",
+                    "mmlu.accuracy", "mmlu.ece", "mmlu.brier", "mmlu.aurc"):
+            est = r.intervals[key]
+            assert est.value == pytest.approx(getattr(r, key.split(".")[0])[key.split(".")[1]], nan_ok=True)
+            assert est.low <= est.high or math.isnan(est.value), key  # a random model is never 75% sure: NaN
+        assert r.intervals["text.accuracy"].low <= r.text["accuracy"] <= r.intervals["text.accuracy"].high
+        np.testing.assert_array_equal(np.unique(r.token_predictions.cluster), [0, 1])
+    assert fp.vs_reference == {}
+    d = w4.vs_reference["text.nll"]["difference"]
+    assert d.value == pytest.approx(w4.text["nll"] - fp.text["nll"])
+    assert w4.vs_reference["text.perplexity"]["ratio"].value == pytest.approx(w4.text["perplexity"] / fp.text["perplexity"])
+
+
+def _preds(conf, correct, cluster, nll):
+    return Predictions(np.asarray(conf, float), np.asarray(correct), np.zeros(len(conf), int), np.asarray(cluster),
+                       {"nll": np.asarray(nll, float)})
+
+
+def test_paired_interval_is_narrower_than_the_two_separate_ones():
+    """A variant whose per-window NLL moves with the reference's: the paired bootstrap of the difference
+    cancels the shared window-to-window variation, so its interval is much narrower than the marginal ones."""
+    rng = np.random.default_rng(0)
+    windows, per = 30, 100
+    cluster = np.repeat(np.arange(windows), per)
+    hard = np.repeat(rng.uniform(1, 5, windows), per)  # shared difficulty per window
+    nll_fp = hard + rng.normal(0, 0.2, hard.size)
+    nll_q = nll_fp + 0.1 + rng.normal(0, 0.05, hard.size)
+    conf = rng.uniform(0.2, 0.9, hard.size)
+    correct = rng.random(hard.size) < conf
+    preds = {"fp": _preds(conf, correct, cluster, nll_fp), "q": _preds(conf, correct, cluster, nll_q)}
+    res = reduce({"text": preds}, EvalConfig(bootstrap=BootstrapConfig(resamples=400)), "fp")
+    diff = res["q"].vs_reference["text.nll"]["difference"]
+    assert diff.value == pytest.approx(0.1, abs=0.01) and diff.low < 0.1 < diff.high
+    assert 0 < diff.high - diff.low < 0.1 * (res["q"].intervals["text.nll"].high - res["q"].intervals["text.nll"].low)
+    ratio = res["q"].vs_reference["text.perplexity"]["ratio"]
+    assert ratio.value == pytest.approx(np.exp(0.1), abs=0.02) and ratio.low < ratio.value < ratio.high
+    # same confidences: the calibration difference is exactly 0 in every resample
+    assert res["q"].vs_reference["text.ece"]["difference"] == Estimate(0.0, 0.0, 0.0)
+    # deterministic by seed; a shard-wise collection concatenated reduces to the same numbers
+    again = reduce({"text": {k: Predictions.concatenate([_preds(p.confidence[:1500], p.correct[:1500],
+                                                                 p.cluster[:1500], p.values["nll"][:1500]),
+                                                         _preds(p.confidence[1500:], p.correct[1500:],
+                                                                p.cluster[1500:] - 15, p.values["nll"][1500:])])
+                             for k, p in preds.items()}}, EvalConfig(bootstrap=BootstrapConfig(resamples=400)), "fp")
+    assert again["q"].intervals == res["q"].intervals and again["q"].vs_reference == res["q"].vs_reference
 
 
 def test_mmlu_subset_is_stratified_and_stable(tokenizer):
