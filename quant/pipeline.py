@@ -31,6 +31,7 @@ from quant.methods import quantize_variant
 from quant.quantize import QuantizeResult
 from quant.recipe import Recipe
 from quant.report import write_report
+from quant.sequential import calibrate_sequential
 from quant.stats import ActivationStats, collect_stats
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,34 @@ def _selection(recipe: Recipe, tokenizer, directory: Path) -> Selection:
     return selection
 
 
-def _stats(recipe: Recipe, model, selection: Selection, directory: Path) -> ActivationStats:
-    fingerprint = recipe.section_hash("model", "calibration")
+def _cached_stats(recipe: Recipe, directory: Path) -> ActivationStats | None:
     if (directory / "stats.json").exists():
         stats = ActivationStats.load(directory)
-        if stats.meta.get("fingerprint") == fingerprint:
+        if stats.meta.get("fingerprint") == recipe.section_hash("model", "calibration"):
             return stats
-    stats = collect_stats(model, selection.token_ids, meta={"model": recipe.model.source, "fingerprint": fingerprint})
-    stats.save(directory)
+    return None
+
+
+def _stats_meta(recipe: Recipe) -> dict:
+    return {"model": recipe.model.source, "fingerprint": recipe.section_hash("model", "calibration")}
+
+
+def _stats(recipe: Recipe, model, selection: Selection, directory: Path) -> ActivationStats:
+    stats = _cached_stats(recipe, directory)
+    if stats is None:
+        stats = collect_stats(model, selection.token_ids, meta=_stats_meta(recipe))
+        stats.save(directory)
     return stats
+
+
+def _sequential(recipe: Recipe, selection: Selection, directory: Path) -> tuple[ActivationStats, dict]:
+    """Statistics (unless cached) and every variant in one layer-by-layer pass over the checkpoint on disk."""
+    cached = _cached_stats(recipe, directory)
+    result = calibrate_sequential(recipe.model, selection.token_ids, recipe.quantize, recipe.sequential, cached,
+                                  meta=_stats_meta(recipe))
+    if cached is None:
+        result.stats.save(directory)
+    return result.stats, result.variants
 
 
 def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path) -> tuple[Selection, ActivationStats]:
@@ -125,11 +145,14 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad recipe leaves no run dir
     (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=1))
     selection = timed("select_samples", _selection, recipe, tokenizer, run_dir / "calibration")
-    stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
-    variants = {}
-    for spec in recipe.quantize:
-        variants[spec.name] = timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats, selection.token_ids)
-        save_quantized(variants[spec.name], tokenizer, run_dir / "models" / spec.name)
+    if recipe.sequential is not None:
+        stats, variants = timed("sequential", _sequential, recipe, selection, run_dir / "stats")
+    else:
+        stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
+        variants = {spec.name: timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats, selection.token_ids)
+                    for spec in recipe.quantize}
+    for name, variant in variants.items():
+        save_quantized(variant, tokenizer, run_dir / "models" / name)
     models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}}
     evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
     lens = None

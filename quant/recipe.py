@@ -16,6 +16,7 @@ from quant.gate import GateRule
 from quant.models import ModelConfig
 from quant.methods import QuantSpec
 from quant.schema import StrictModel
+from quant.sequential import SequentialConfig
 
 
 class Recipe(StrictModel):
@@ -25,6 +26,8 @@ class Recipe(StrictModel):
     quantize: tuple[QuantSpec, ...] = Field(min_length=1)
     evaluation: EvalConfig = EvalConfig()
     gates: tuple[GateRule, ...] = ()
+    sequential: SequentialConfig | None = None
+    """Calibrate layer by layer from the checkpoint on disk (peak memory ~ one layer); null = whole model."""
     output: str = "runs/{name}"
     """Run directory; `{name}` is replaced by the recipe name. Relative to the working directory."""
 
