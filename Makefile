@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 RECIPE ?= recipes/default.yaml
 
-.PHONY: setup run test
+.PHONY: setup run test peers-venv
 setup: $(VENV)/.calq-installed
 
 $(VENV)/.calq-installed: pyproject.toml
@@ -21,3 +21,12 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=10
+
+# The peers (benchmarks/bench_peers.py) pin other packages, so they get a virtualenv of their own.
+peers-venv: .venv-peers/.installed
+
+.venv-peers/.installed: pyproject.toml
+	test -x .venv-peers/bin/python || python3 -m venv .venv-peers
+	.venv-peers/bin/pip install -q $(TORCH)
+	.venv-peers/bin/pip install -q -e . llmcompressor==0.14.0.1 autoawq==0.2.9 transformers==5.17.0 $(TORCH)
+	touch $@

@@ -1,0 +1,182 @@
+"""Our methods against the peers, on the same calibration samples and the same evaluation, in one run.
+
+Peers (each optional: skipped with a note when it does not import or fails):
+    llmc-awq          llm-compressor 0.14 AWQModifier + W4A16_ASYM (group 128), its own fake quantization
+    llmc-sq-dynamic   llm-compressor SmoothQuantModifier(0.8) + W8A8 (per-channel int8 weights, per-token int8 acts)
+    llmc-sq-static    the same with one static per-tensor activation scale (the case SmoothQuant exists for)
+    autoawq           AutoAWQ 0.2.9's scale + clip search (export_compatible: float weights with its scales
+                      applied), then OUR min-max quantizer, so only the search differs from ours
+
+AWQ: every AWQ search (ours, llm-compressor's, AutoAWQ's) sees the same token subset our AWQ uses
+(AWQConfig.max_tokens of the selected samples). SmoothQuant: llm-compressor calibrates on all selected samples,
+the same ones our statistics come from. Times are wall-clock seconds on this machine, measured in this run; the
+table prints our/peer ratios. The peers need their own virtual environment (they pin other packages):
+
+    make peers-venv        # creates .venv-peers with llmcompressor==0.14.0.1 and autoawq==0.2.9 beside calq
+    .venv-peers/bin/python benchmarks/bench_peers.py recipes/default.yaml --out runs/peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from quant.awq import AWQConfig, calibration_subset
+from quant.cache import write_text_atomic
+from quant.compare import COMPARISON
+from quant.evaluate import evaluate
+from quant.methods import quantize_variant
+from quant.models import load_model, resolve_model_path
+from quant.pipeline import REFERENCE, PeakRSS, calibrate
+from quant.quantize import quantize
+from quant.recipe import load_recipe
+
+SQ = next(spec.smoothquant for spec in COMPARISON if spec.method == "smoothquant")
+# ours: the `calq compare` variants each peer is measured against
+OURS = {spec.name: spec for spec in COMPARISON if spec.name in (
+    "w4a16-g128-minmax", "w4a16-g128-awq", "w8a8-static-minmax", "w8a8-static-smoothquant",
+    "w8a8-dynamic-smoothquant")}
+# (peer, ours) pairs whose quality and time ratios are printed
+PAIRS = (("llmc-awq", "w4a16-g128-awq"), ("autoawq", "w4a16-g128-awq"),
+         ("llmc-sq-dynamic", "w8a8-dynamic-smoothquant"), ("llmc-sq-static", "w8a8-static-smoothquant"))
+QUALITY = ("perplexity", "ppl_increase_pct", "kl_to_fp", "token_ece", "mmlu_accuracy", "mmlu_ece")
+
+
+def _llmc(model: nn.Module, samples: list[Tensor], smoothing, scheme) -> nn.Module:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    # pinning needs an accelerator; on a CPU-only machine it raises, and a no-op loses nothing
+    IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+    quant = (QuantizationModifier(ignore=["lm_head"], scheme=scheme, targets=["Linear"]) if isinstance(scheme, str)
+             else QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": scheme}))
+    ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
+                            "attention_mask": [[1] * len(s) for s in samples]})
+    m = copy.deepcopy(model)
+    oneshot(model=m, dataset=ds, recipe=[smoothing, quant], num_calibration_samples=len(samples),
+            max_seq_length=max(len(s) for s in samples), shuffle_calibration_samples=False)
+    return m
+
+
+def llmc_awq(model, samples, awq_samples, stats):
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    return _llmc(model, awq_samples, AWQModifier(), "W4A16_ASYM")
+
+
+def llmc_sq(static: bool):
+    def run(model, samples, awq_samples, stats):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        scheme = "W8A8"
+        if static:
+            scheme = QuantizationScheme(
+                targets=["Linear"], weights=QuantizationArgs(num_bits=8, strategy="channel", symmetric=True),
+                input_activations=QuantizationArgs(num_bits=8, strategy="tensor", symmetric=True, dynamic=False))
+        return _llmc(model, samples, SmoothQuantModifier(smoothing_strength=SQ.alpha), scheme)
+    return run
+
+
+def autoawq(source: str):
+    def run(model, samples, awq_samples, stats):
+        from awq import AutoAWQForCausalLM
+
+        wrapper = AutoAWQForCausalLM.from_pretrained(resolve_model_path(source), torch_dtype=torch.float32)
+        wrapper.quantize(None, {"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
+                         calib_data=[s.tolist() for s in awq_samples], export_compatible=True,
+                         max_calib_samples=len(awq_samples), max_calib_seq_len=max(len(s) for s in awq_samples))
+        return quantize(wrapper.model.eval(), OURS["w4a16-g128-minmax"], stats).model
+    return run
+
+
+def _quality(ev, fp_ppl: float) -> dict:
+    return dict(zip(QUALITY, (ev["text"]["perplexity"], 100 * (ev["text"]["perplexity"] / fp_ppl - 1),
+                              ev["text"]["kl_to_reference"], ev["text"]["ece"], ev["mmlu"].get("accuracy"),
+                              ev["mmlu"].get("ece"))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", nargs="?", default="recipes/default.yaml")
+    ap.add_argument("--out", type=Path, default=Path("runs/peers"),
+                    help="output directory; its calibration/ and stats/ are reused when fresh, so pointing it at "
+                         "a `calq compare` run directory reuses that run's samples and statistics")
+    ap.add_argument("--only", nargs="*", help="run only these rows (names from the table)")
+    ap.add_argument("--ours-from", type=Path, default=None,
+                    help="report.json of a `calq compare` run on the same recipe: our variants are still quantized "
+                         "here (for the time ratios) but their quality is read from it instead of evaluated again "
+                         "(quantization and evaluation are deterministic; fp is evaluated here and checked equal)")
+    args = ap.parse_args()
+    recipe = load_recipe(args.recipe)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(recipe.model)
+    selection, stats = calibrate(recipe, model, tokenizer, args.out)
+    samples = selection.token_ids
+    awq_samples = calibration_subset(samples, AWQConfig().max_tokens)
+    print(f"calibration: {len(samples)} samples ({sum(map(len, samples))} tokens); AWQ searches on "
+          f"{len(awq_samples)} of them ({sum(map(len, awq_samples))} tokens)")
+
+    jobs = {**{n: (lambda m, s, a, st, spec=spec: quantize_variant(m, spec, st, s).model) for n, spec in OURS.items()},
+            "llmc-awq": llmc_awq, "autoawq": autoawq(recipe.model.source),
+            "llmc-sq-dynamic": llmc_sq(False), "llmc-sq-static": llmc_sq(True)}
+    models, rows = {REFERENCE: model}, {REFERENCE: {"variant": REFERENCE}}
+    for name, job in jobs.items():
+        if args.only and name not in args.only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            with PeakRSS() as peak:
+                quantized = job(model, samples, awq_samples, stats)
+        except Exception as err:  # a peer that does not run here is reported, not fatal
+            traceback.print_exc()
+            rows[name] = {"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            continue
+        rows[name] = {"variant": name, "quantize_s": time.perf_counter() - t0, "peak_rss_mb": peak.mb}
+        if not (args.ours_from and name in OURS):
+            models[name] = quantized
+        print(f"{name}: {rows[name]['quantize_s']:.1f} s")
+
+    evals = {n: {"text": e.text, "mmlu": e.mmlu}
+             for n, e in evaluate(models, tokenizer, recipe.evaluation, REFERENCE).items()}
+    if args.ours_from:
+        prior = json.loads(args.ours_from.read_text())["evaluation"]
+        if abs(prior[REFERENCE]["text"]["perplexity"] - evals[REFERENCE]["text"]["perplexity"]) > 1e-6:
+            raise SystemExit(f"{args.ours_from} was evaluated on other data: its fp perplexity differs")
+        evals.update({n: prior[n] for n in rows if n in OURS and n in prior})
+    fp_ppl = evals[REFERENCE]["text"]["perplexity"]
+    for name, ev in evals.items():
+        rows[name].update(_quality(ev, fp_ppl))
+    cols = ["variant", *QUALITY, "quantize_s", "peak_rss_mb", "error"]
+    with open(args.out / "peers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows.values())
+    fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows.values()]
+    lines += ["", "| ours vs peer | ppl increase ours / peer | KL ours / peer | time ours / peer |",
+              "|---|---|---|---|"]
+    for peer, ours in PAIRS:
+        p, o = rows.get(peer, {}), rows.get(ours, {})
+        if "perplexity" in p and "perplexity" in o:
+            lines.append(f"| {ours} vs {peer} | {o['ppl_increase_pct']:.2f}% / {p['ppl_increase_pct']:.2f}% | "
+                         f"{o['kl_to_fp'] / p['kl_to_fp']:.3f} | {o['quantize_s'] / p['quantize_s']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(args.out / "peers.md", text)
+    write_text_atomic(args.out / "peers.json", json.dumps(rows, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
