@@ -202,14 +202,16 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase, chat_template: bool) ->
 
 @torch.inference_mode()
 def _mmlu_eval(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
-               cfg: MMLUConfig) -> dict[str, np.ndarray]:
+               cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+    """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
+    batch from rank (the other rows stay 0), so processes share the work with the same batches."""
     letters = letter_token_ids(tokenizer, cfg.chat_template)
     encoded = [tokenizer(mmlu_prompt(it, tokenizer, cfg.chat_template), add_special_tokens=False)["input_ids"]
                for it in items]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probs = {name: np.zeros((len(items), len(LETTERS))) for name in models}
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][shard[0]::shard[1]]
     for batch in tqdm(batches, desc="eval mmlu", unit="batch"):
         width = max(len(encoded[i]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -227,10 +229,14 @@ def _mmlu_eval(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,
 def collect_mmlu(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
                  cfg: MMLUConfig) -> dict[str, Predictions]:
     """Per-item predictions of every model on `items` (letter probabilities renormalized over A-D)."""
+    return mmlu_predictions(_mmlu_eval(models, tokenizer, items, cfg), items)
+
+
+def mmlu_predictions(probs: dict[str, np.ndarray], items: list[MCItem]) -> dict[str, Predictions]:
     labels = np.array([it.answer for it in items])
     rows = np.arange(len(items))
     out = {}
-    for name, p in _mmlu_eval(models, tokenizer, items, cfg).items():
+    for name, p in probs.items():
         p_true = p[rows, labels]
         out[name] = Predictions(p.max(1), p.argmax(1) == labels, p.argmax(1), rows,
                                 {"nll": -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0)),
