@@ -1,13 +1,16 @@
 """Ask a (quantized, possibly re-calibrated) model a question and say how sure it is, in words.
 
 Multiple choice: the letters are scored exactly as the MMLU evaluation scores them, so the confidence is
-the one whose calibration the report measured. Free text: a short greedy answer, banded by its least
-confident token (one shaky token is enough to make a short factual answer wrong). Below the abstention
+the one whose calibration the report measured. Free text: a short greedy answer, banded by the mean
+probability of its tokens. (Not by the least confident token: that is usually a phrasing choice. Measured
+on SmolLM2-135M-Instruct, "The capital of France is Paris." has a first token "The" at 0.15 and " Paris" at
+0.95.) Free-text confidence is a heuristic whose calibration calq does not measure. Below the abstention
 threshold the answer is withheld.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +35,18 @@ class Answer:
     band: str
     alternatives: list[tuple[str, float]] = field(default_factory=list)
     """Runner-up answers (choices, or tokens at the least confident position) with their probabilities."""
-    mean_token_confidence: float | None = None  # free text only
+    weakest_token: str | None = None  # free text only: the least confident token and its probability
+    weakest_confidence: float | None = None
 
     def lines(self) -> list[str]:
         out = [f"answer: {self.text if self.text is not None else '(withheld)'}",
                f"confidence: {self.confidence:.2f}"
-               + (f" (least confident token; mean {self.mean_token_confidence:.2f})"
-                  if self.mean_token_confidence is not None else ""),
+               + (f" (mean token probability; least confident token {self.weakest_token!r} "
+                  f"{self.weakest_confidence:.2f})" if self.weakest_token is not None else ""),
                f"band: {self.band}"]
         if self.alternatives:
-            out.append("alternatives: " + ", ".join(f"{a!r} {p:.2f}" for a, p in self.alternatives))
+            where = f" to {self.weakest_token!r}" if self.weakest_token is not None else ""
+            out.append(f"alternatives{where}: " + ", ".join(f"{a!r} {p:.2f}" for a, p in self.alternatives))
         return out
 
 
@@ -93,9 +98,9 @@ def _free_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question:
     ids = ids.to(next(model.parameters()).device)
     eos = model.generation_config.eos_token_id
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop, default=0)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=sorted(stop) or None,
-                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop, default=0),
+                         max_new_tokens=max_new_tokens, eos_token_id=sorted(stop) or None, pad_token_id=pad,
                          output_logits=True, return_dict_in_generate=True, top_p=None, top_k=None,
                          temperature=None)
     tokens = out.sequences[0, ids.shape[1]:].cpu()
@@ -105,14 +110,17 @@ def _free_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question:
     probs = torch.stack([out.logits[i][0].float().softmax(-1).cpu() for i in keep])
     token_conf = probs[torch.arange(len(keep)), tokens[keep]]  # the model's own (raw) probability of each token
     weakest = int(token_conf.argmin())
-    conf, band = float(token_conf[weakest]), band_of(float(token_conf[weakest]), cfg)
+    decode = functools.partial(tokenizer.decode, clean_up_tokenization_spaces=False)
+    conf = float(token_conf.mean())
+    band = band_of(conf, cfg)
     alternatives = []
     if band == UNSURE:
         top = probs[weakest].topk(4)
-        alternatives = [(tokenizer.decode([t]), float(p)) for p, t in zip(top.values, top.indices)
+        alternatives = [(decode([t]), float(p)) for p, t in zip(top.values, top.indices)
                         if t != tokens[keep[weakest]]][:3]
-    text = tokenizer.decode(tokens[keep], skip_special_tokens=True).strip()
-    return Answer(None if band == ABSTAIN else text, conf, band, alternatives, float(token_conf.mean()))
+    text = decode(tokens[keep], skip_special_tokens=True).strip()
+    return Answer(None if band == ABSTAIN else text, conf, band, alternatives, decode([tokens[keep[weakest]]]),
+                  float(token_conf[weakest]))
 
 
 def ask(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, choices: list[str] | None = None,

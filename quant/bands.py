@@ -73,6 +73,7 @@ def markdown(tables: dict[str, list[dict]], unit: str) -> str:
     for rows in tables.values():
         kept = [r for r in rows if r["band"] != ABSTAIN and r["n"]]
         n = sum(r["n"] for r in kept)
-        answered.append(cell(sum(r["share"] for r in kept), sum(r["n"] * r["accuracy"] for r in kept) / n if n else None))
+        accuracy = sum(r["n"] * r["accuracy"] for r in kept) / n if n else None
+        answered.append(cell(sum(r["share"] for r in kept), accuracy))
     lines.append(f"| answered (abstaining below {tables[names[0]][-1]['upper']:.2f}) | " + " | ".join(answered) + " |")
     return "\n".join(lines)

@@ -57,6 +57,14 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from quant.export import ExportConfig, export
+
+    result = export(args.path, ExportConfig(format=args.format, variant=args.variant, dtype=args.dtype), args.out)
+    print(f"{result.format}: {result.out} ({result.weight_bytes / 2**20:.1f} MB of weights)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calq", description="Calibration-aware post-training quantization for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--very-sure", type=float, default=0.75, help="confidence from which an answer is 'very sure'")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a free-text answer")
     p.set_defaults(fn=_ask)
+    p = sub.add_parser("export", help="write a quantized variant for vLLM (compressed-tensors), AutoAWQ or llama.cpp")
+    p.add_argument("path", help="a run directory (with --variant if it has several) or run_dir/models/<variant>")
+    p.add_argument("--format", required=True, choices=["compressed-tensors", "awq", "gguf"])
+    p.add_argument("--out", type=Path, required=True, help="output directory (replaced atomically)")
+    p.add_argument("--variant", default=None, help="which quantized variant of a run directory")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of scales and full-precision layers")
+    p.set_defaults(fn=_export)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
