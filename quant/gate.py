@@ -1,12 +1,20 @@
-"""Release gate: thresholds from the recipe, checked on every quantized variant against the reference.
+"""Release gate: thresholds from the recipe, checked on every shipped variant against the reference.
 
 A rule names one metric (`text.ece`, `text.perplexity`, `mmlu.accuracy`, ...) and exactly one bound:
 an absolute `max`/`min`, or a change against full precision (`max_increase`, `max_ratio`, `max_drop`).
+The gate decides on the bootstrap interval, not the point: a `max` must hold for the interval's upper
+bound, a `min` for its lower bound, and a change uses the paired interval (same resampled windows / items
+for both models) of the difference or ratio, again at its unfavourable end. So a pass means "within the
+threshold even allowing for sampling noise", and too little evaluation data fails rather than passes.
+The verdict is written as JSON (gate.json), Markdown (gate.md) and JUnit XML (gate.xml, one test case
+per variant and rule) so CI systems list every gate as a test.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,13 +55,31 @@ class GateResult:
     metric: str
     bound: str
     threshold: float
-    value: float  # the compared quantity: the metric, its increase, ratio or drop
-    passed: bool
+    value: float  # the compared quantity (the metric, its increase, ratio or drop): point estimate
+    low: float | None = None  # ... and its bootstrap interval (None when the evaluation had none)
+    high: float | None = None
+    passed: bool = False
+
+    @property
+    def decisive(self) -> float:
+        """The end of the interval the threshold is checked against (the point when there is no interval)."""
+        end = self.low if self.bound == "min" else self.high
+        return self.value if end is None else end
+
+    def _what_op(self) -> tuple[str, str]:
+        what = self.metric if self.bound in ("max", "min") else f"{self.metric} {self.bound.removeprefix('max_')}"
+        return what, ">=" if self.bound == "min" else "<="
+
+    @property
+    def rule(self) -> str:
+        what, op = self._what_op()
+        return f"{what} {op} {self.threshold:g}"
 
     def line(self) -> str:
-        op = ">=" if self.bound == "min" else "<="
-        what = self.metric if self.bound in ("max", "min") else f"{self.metric} {self.bound.removeprefix('max_')}"
-        return f"{'PASS' if self.passed else 'FAIL'} {self.variant}: {what} = {self.value:.4f} {op} {self.threshold:g}"
+        what, op = self._what_op()
+        interval = "" if self.low is None else (f" [{self.low:.4f}, {self.high:.4f}], "
+                                                f"{'lower' if self.bound == 'min' else 'upper'} bound")
+        return f"{'PASS' if self.passed else 'FAIL'} {self.variant}: {what} = {self.value:.4f}{interval} {op} {self.threshold:g}"
 
 
 @dataclass
@@ -67,6 +93,37 @@ class GateReport:
     def save(self, path: Path) -> None:
         write_text_atomic(Path(path), json.dumps({"passed": self.passed, "results": [asdict(r) for r in self.results]},
                                                  indent=1))
+
+    def markdown(self) -> str:
+        passed = sum(r.passed for r in self.results)
+        lines = [f"Gate: **{'PASS' if self.passed else 'FAIL'}** ({passed}/{len(self.results)} rules); "
+                 "decided on the unfavourable end of the 95% bootstrap interval.", "",
+                 "| variant | rule | value | interval | verdict |", "|---|---|---|---|---|"]
+        for r in self.results:
+            interval = "-" if r.low is None else f"[{r.low:.4f}, {r.high:.4f}]"
+            lines.append(f"| {r.variant} | `{r.rule}` | {r.value:.4f} | {interval} | {'PASS' if r.passed else 'FAIL'} |")
+        return "\n".join(lines) + "\n"
+
+    def junit(self) -> str:
+        """JUnit XML: one test case per variant and rule; a failed gate is a failure whose message is its line."""
+        failures = sum(not r.passed for r in self.results)
+        suites = ET.Element("testsuites", name="calq", tests=str(len(self.results)), failures=str(failures))
+        suite = ET.SubElement(suites, "testsuite", name="calq.gate", tests=str(len(self.results)),
+                              failures=str(failures), errors="0", skipped="0")
+        for r in self.results:
+            case = ET.SubElement(suite, "testcase", classname=f"calq.gate.{r.variant}", name=r.rule)
+            if not r.passed:
+                ET.SubElement(case, "failure", message=r.line(), type="GateFailure").text = r.line()
+            else:
+                ET.SubElement(case, "system-out").text = r.line()
+        ET.indent(suites)
+        return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
+
+    def write(self, run_dir: Path) -> None:
+        """gate.json, gate.md and gate.xml in `run_dir`."""
+        self.save(Path(run_dir) / "gate.json")
+        write_text_atomic(Path(run_dir) / "gate.md", self.markdown())
+        write_text_atomic(Path(run_dir) / "gate.xml", self.junit())
 
     @classmethod
     def load(cls, path: Path) -> GateReport:
@@ -86,18 +143,37 @@ def _metric(ev: ModelEval, metric: str, variant: str) -> float:
     return float(values[name])
 
 
-def check_gates(results: dict[str, ModelEval], rules: list[GateRule], reference: str) -> GateReport:
+def _compared(ev: ModelEval, ref: ModelEval, rule: GateRule, variant: str, reference: str
+              ) -> tuple[float, float | None, float | None]:
+    """(point, low, high) of the quantity a rule bounds: the metric's own interval for max/min, else the
+    paired interval of the difference or ratio against the reference (drop = -difference, so it flips).
+    No interval (None) when the evaluation carries none, e.g. a ModelEval built by hand."""
+    value, ref_value = _metric(ev, rule.metric, variant), _metric(ref, rule.metric, reference)
+    bound = rule.bound
+    if bound in ("max", "min"):
+        est = ev.intervals.get(rule.metric)
+        return (est.value, est.low, est.high) if est else (value, None, None)
+    change = ev.vs_reference.get(rule.metric)
+    if bound == "max_ratio":
+        est = change["ratio"] if change else None
+        return (est.value, est.low, est.high) if est else (value / ref_value if ref_value else math.inf, None, None)
+    est = change["difference"] if change else None
+    point, low, high = (est.value, est.low, est.high) if est else (value - ref_value, None, None)
+    if bound == "max_increase":
+        return point, low, high
+    return -point, None if high is None else -high, None if low is None else -low
+
+
+def check_gates(results: dict[str, ModelEval], rules: list[GateRule], reference: str,
+                variants: list[str] | None = None) -> GateReport:
+    """Check every rule on `variants` (default: every model but the reference)."""
     out = []
-    for variant, ev in results.items():
-        if variant == reference:
-            continue
+    for variant in variants if variants is not None else [n for n in results if n != reference]:
         for rule in rules:
-            value = _metric(ev, rule.metric, variant)
-            ref = _metric(results[reference], rule.metric, reference)
-            bound = rule.bound
-            compared = {"max": value, "min": value, "max_increase": value - ref,
-                        "max_ratio": value / ref if ref else float("inf"), "max_drop": ref - value}[bound]
-            threshold = getattr(rule, bound)
-            passed = compared >= threshold if bound == "min" else compared <= threshold
-            out.append(GateResult(variant, rule.metric, bound, threshold, compared, bool(passed)))
+            value, low, high = _compared(results[variant], results[reference], rule, variant, reference)
+            threshold = getattr(rule, rule.bound)
+            unchecked = GateResult(variant, rule.metric, rule.bound, threshold, value, low, high)
+            decisive = unchecked.decisive
+            passed = decisive >= threshold if rule.bound == "min" else decisive <= threshold  # NaN fails
+            out.append(GateResult(variant, rule.metric, rule.bound, threshold, value, low, high, bool(passed)))
     return GateReport(out)

@@ -11,6 +11,7 @@ checkpoint applies it without knowing about calq.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,9 @@ class RecalibrateConfig(StrictModel):
     method: Method = "label_free"
     positions: int = Field(4096, ge=64)
     """Token positions sampled from the calibration samples for the fit (logits are kept for these)."""
+    max_samples: int = Field(64, ge=1)
+    """Calibration samples the positions come from (evenly spaced over the selection): each costs a forward
+    pass of the model (and of the reference, label_free), so fewer samples with more positions each."""
     seed: int = 0
 
 
@@ -65,6 +69,7 @@ def _collect(model: nn.Module, reference: nn.Module | None, samples: list[Tensor
     """Logits of `model` at sampled positions, plus the fit target: the next token, or the reference's
     probabilities reduced to what the objective needs (p_ref . z and the agreement mask)."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    samples = samples[::-(-len(samples) // cfg.max_samples)]  # ceil division: at most max_samples, spread out
     per_sample = max(cfg.positions // len(samples), 1)
     logits, targets, agree = [], [], []
     for ids in tqdm(samples, desc=f"fit temperature ({cfg.method})", unit="sample", leave=False):
@@ -120,3 +125,18 @@ def fit_temperature(model: nn.Module, samples: list[Tensor], cfg: RecalibrateCon
             fb = f(b)
     t = math.exp((lo + hi) / 2)
     return TemperatureFit(t, cfg.method, len(z), f(0.0), f(math.log(t)))
+
+
+@dataclass
+class Recalibrated:
+    model: nn.Module
+    fit: TemperatureFit
+
+
+def recalibrate(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
+                reference: nn.Module | None = None) -> Recalibrated:
+    """A copy of `model` with the temperature fitted on `samples` folded in (the input is not modified)."""
+    fit = fit_temperature(model, samples, cfg, reference)
+    calibrated = copy.deepcopy(model)
+    apply_temperature(calibrated, fit.temperature)
+    return Recalibrated(calibrated, fit)
