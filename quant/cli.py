@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from quant.cache import CalqError
+from quant.cache import CalqError, write_text_atomic
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -40,6 +40,9 @@ def _gate(args: argparse.Namespace) -> int:
     for r in report.results:
         print(r.line())
     print(f"gate: {'PASS' if report.passed else 'FAIL'} ({sum(r.passed for r in report.results)}/{len(report.results)})")
+    if args.junit:
+        write_text_atomic(args.junit, report.junit())
+        print(f"junit: {args.junit}")
     return 0 if report.passed else 1
 
 
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_compare)
     p = sub.add_parser("gate", help="print the gate verdict of a run; exit 0 if every gate passed, else 1")
     p.add_argument("run_dir", help="a run directory (or its gate.json)")
+    p.add_argument("--junit", type=Path, default=None, help="also write the verdict as JUnit XML (one test per rule)")
     p.set_defaults(fn=_gate)
     p = sub.add_parser("ask", help="ask a model a question; prints the answer, its confidence and its band")
     p.add_argument("model", help="a run directory (with --variant), a calq checkpoint directory or a model source")
