@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
+
+import gguf
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import quant
 from quant.cache import CalqError
-from quant.checkpoint import save_quantized
+from quant.checkpoint import save_quantized, verify_manifest
+from quant.cli import main
+from quant.export import ExportConfig, _permute_rope, export
+from quant.gate import GateReport, GateResult
 from quant.methods import QuantSpec
 from quant.quantize import ActScheme, QuantLinear, WeightScheme, quantize
 
 from .conftest import tiny_config
+
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 SPECS = {
     "w4-g32": QuantSpec(name="w4-g32", weights=WeightScheme(bits=4, group_size=32, symmetric=False)),
@@ -61,3 +71,128 @@ def test_load_refuses_truncated_or_tampered_files(tmp_path, tokenizer):
     (tmp_path / "ckpt").rename(tmp_path / "run" / "models" / "w4")
     with pytest.raises(CalqError, match="run directory; load one of its variants"):
         quant.load(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exports
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer):
+    """A run directory as `calq run` leaves it: two variants (one re-calibrated), and a gate verdict."""
+    root = tmp_path_factory.mktemp("run")
+    model = _tiny("llama", tokenizer)
+    for name, spec in SPECS.items():
+        meta = {"calq_temperature": "1.25"} if name == "w4-g32" else None
+        save_quantized(quantize(model, spec), tokenizer, root / "models" / name, metadata=meta)
+    GateReport([GateResult(variant=v, metric="text.perplexity", bound="max_ratio", threshold=1.5, value=ratio,
+                           passed=ratio <= 1.5) for v, ratio in (("w4-g32", 1.1), ("w8a8", 1.7))]).save(root / "gate.json")
+    return root
+
+
+def _ours(run_dir, variant):
+    model, _ = quant.load(run_dir / "models" / variant, device="cpu")
+    return model, {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@pytest.mark.parametrize("variant", ["w4-g32", "w8a8"])
+def test_compressed_tensors_loads_in_transformers_with_our_weights_and_logits(run_dir, tokenizer, tmp_path, variant):
+    out = export(run_dir, ExportConfig(format="compressed-tensors", variant=variant, dtype="float32"), tmp_path / "ct")
+    config = json.loads((out.out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    assert qc["format"] == ("pack-quantized" if variant == "w4-g32" else "int-quantized")
+    assert qc["ignore"] == ["lm_head"]
+    assert config["calq"]["temperature"] == (1.25 if variant == "w4-g32" else None)
+    assert config["calq"]["gate"]["passed"] is (variant == "w4-g32")
+    ours, layers = _ours(run_dir, variant)
+    theirs = AutoModelForCausalLM.from_pretrained(out.out, dtype=torch.float32).eval()  # transformers' own loader
+    ids = _ids(tokenizer)
+    # W4A16: identical. W8A8: compressed-tensors' per-token scale is absmax/127.5, ours (and vLLM's) absmax/127.
+    atol = 1e-5 if variant == "w4-g32" else 2e-2
+    torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=atol)
+    for name, q in layers.items():  # decompressed by compressed-tensors on the first forward
+        torch.testing.assert_close(theirs.get_submodule(name).weight, q.dequantized_weight(), rtol=0, atol=0)
+
+
+def _awq_reference_dequantize(qweight, qzeros, scales, group_size):
+    """AutoAWQ's own unpacking, written independently: nibbles low to high, then its reverse order."""
+    shifts = torch.arange(0, 32, 4)
+    reverse = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
+
+    def unpack(packed):
+        nibbles = (packed[:, :, None] >> shifts) & 15
+        order = (torch.arange(nibbles.shape[1] * 8).view(-1, 8)[:, reverse]).flatten()
+        return nibbles.flatten(1)[:, order]
+
+    w, z = unpack(qweight), unpack(qzeros)
+    return ((w - z.repeat_interleave(group_size, 0)) * scales.repeat_interleave(group_size, 0)).float()
+
+
+def test_awq_gemm_packing_matches_autoawq_order(run_dir, tmp_path):
+    out = export(run_dir, ExportConfig(format="awq", variant="w4-g32", dtype="float32"), tmp_path / "awq").out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True,
+                  "modules_to_not_convert": ["lm_head"]}
+    tensors = load_file(out / "model.safetensors")
+    _, layers = _ours(run_dir, "w4-g32")
+    for name, q in layers.items():
+        qweight, qzeros = tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"]
+        assert qweight.dtype == torch.int32 and qweight.shape == (q.in_features, q.out_features // 8)
+        assert qzeros.shape == (q.in_features // 32, q.out_features // 8)
+        w = _awq_reference_dequantize(qweight, qzeros, tensors[f"{name}.scales"], 32)
+        torch.testing.assert_close(w.t(), q.dequantized_weight(), rtol=0, atol=0)
+    with pytest.raises(CalqError, match="AWQ's GEMM format is group-wise int4"):
+        export(run_dir, ExportConfig(format="awq", variant="w8a8"), tmp_path / "awq8")
+    assert not (tmp_path / "awq8").exists() and list(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.parametrize(("variant", "qtype"), [("w4-g32", "Q4_1"), ("w8a8", "Q8_0")])
+def test_gguf_reads_back_with_gguf_and_transformers(run_dir, tokenizer, tmp_path, variant, qtype):
+    out = export(run_dir, ExportConfig(format="gguf", variant=variant), tmp_path / "gguf").out
+    reader = gguf.GGUFReader(out / "model.gguf")
+    field = reader.get_field("calq.gate")
+    assert json.loads(field.contents())["passed"] is (variant == "w4-g32")
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert reader.get_field("tokenizer.ggml.tokens").contents()[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tensors = {t.name: t for t in reader.tensors}
+    _, layers = _ours(run_dir, variant)
+    for name, q in layers.items():
+        block, kind = name.split(".")[2], name.split(".")[-1]
+        gname = f"blk.{block}.{GGUF_NAMES[kind]}.weight"
+        t = tensors[gname]
+        assert t.tensor_type.name == qtype
+        theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(q.out_features, -1)
+        # gguf re-quantizes our weights in blocks of 32: within half our step (plus fp16 block scales)
+        ours = q.dequantized_weight()
+        step = q.scales.float().reshape(q.out_features, -1).repeat_interleave(32 if variant == "w4-g32" else q.in_features, 1)
+        if kind in ("q_proj", "k_proj"):  # llama.cpp's rotary layout
+            ours, step = (_permute_rope(t, 4 if kind == "q_proj" else 2) for t in (ours, step))
+        assert ((theirs - ours).abs() <= 0.5 * step + 2e-3 * ours.abs().amax(1, keepdim=True)).all()
+    assert tensors["token_embd.weight"].tensor_type.name == "F16"
+    ours_model, _ = _ours(run_dir, variant)
+    theirs_model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    their_tok = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    ids = _ids(tokenizer)
+    assert their_tok(["the river market of alpha"]).input_ids[0] == ids[0].tolist()
+    # weights re-quantized by gguf, fp16 embeddings, no activation quantization: close, not equal
+    torch.testing.assert_close(theirs_model(ids).logits, ours_model(ids).logits, rtol=0, atol=3e-2)
+
+
+def test_interrupted_export_leaves_no_complete_looking_directory(run_dir, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("quant.export.write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export(run_dir, ExportConfig(format="compressed-tensors", variant="w4-g32"), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_from_run_dir_writes_a_verifiable_manifest(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--format", "awq", "--out", str(tmp_path / "x")]) == 2
+    assert "--variant" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--variant", "w4-g32", "--format", "awq", "--out", str(tmp_path / "x")]) == 0
+    manifest = verify_manifest(tmp_path / "x")
+    assert manifest["format"] == "awq" and manifest["calq"]["temperature"] == 1.25
+    assert set(manifest["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
