@@ -80,7 +80,8 @@ def _gate_verdict(directory: Path) -> dict | None:
     gate = directory.parent.parent / "gate.json"
     if directory.parent.name != "models" or not gate.is_file():
         return None
-    results = [r for r in GateReport.load(gate).results if r.variant == directory.name]
+    name = directory.name  # a re-calibrated variant is gated as name+T
+    results = [r for r in GateReport.load(gate).results if r.variant == name or r.variant.startswith(f"{name}+")]
     return {"passed": all(r.passed for r in results), "results": [r.line() for r in results]} if results else None
 
 

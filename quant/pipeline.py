@@ -22,6 +22,7 @@ from quant.cache import atomic_path
 from quant.calibration import Sample, Selection, select_samples
 from quant.checkpoint import save_quantized
 from quant.bands import band_table
+from quant.export import export
 from quant.evaluate import ModelEval, eval_windows, evaluate
 from quant.gate import GateReport, check_gates
 from quant.lens import layer_calibration
@@ -201,4 +202,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                                 recipe.evaluation.ece_bins)
             report["confidence_bands"][kind] = {n: band_table(p.confidence, p.correct) for n, p in preds.items()}
     write_report(report, run_dir)
+    for cfg in recipe.export:
+        timed(f"export_{cfg.variant}_{cfg.format}", export, run_dir, cfg,
+              run_dir / "export" / f"{cfg.variant}-{cfg.format}")
     return RunResult(run_dir, selection, stats, variants, evals, gates, report)

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, model_validator
 from quant.cache import CalqError
 from quant.calibration import SelectConfig
 from quant.evaluate import EvalConfig
+from quant.export import ExportConfig
 from quant.gate import GateRule
 from quant.models import ModelConfig
 from quant.methods import QuantSpec
@@ -26,6 +27,8 @@ class Recipe(StrictModel):
     quantize: tuple[QuantSpec, ...] = Field(min_length=1)
     evaluation: EvalConfig = EvalConfig()
     gates: tuple[GateRule, ...] = ()
+    export: tuple[ExportConfig, ...] = ()
+    """Checkpoints for other runtimes, written to <run dir>/export/<variant>-<format> after the gates."""
     sequential: SequentialConfig | None = None
     """Calibrate layer by layer from the checkpoint on disk (peak memory ~ one layer); null = whole model."""
     output: str = "runs/{name}"
@@ -36,6 +39,14 @@ class Recipe(StrictModel):
         names = [q.name for q in self.quantize]
         if len(set(names)) != len(names) or "fp" in names:
             raise ValueError(f"quantize variant names must be unique and not 'fp' (got {names})")
+        return self
+
+    @model_validator(mode="after")
+    def _export_variants(self) -> Recipe:
+        names = [q.name for q in self.quantize]
+        for e in self.export:
+            if e.variant not in names:
+                raise ValueError(f"export variant {e.variant!r} is not one of the quantize variants {names}")
         return self
 
     @property

@@ -18,6 +18,7 @@ from quant.export import ExportConfig, _permute_rope, export
 from quant.gate import GateReport, GateResult
 from quant.methods import QuantSpec
 from quant.quantize import ActScheme, QuantLinear, WeightScheme, quantize
+from quant.recipe import load_recipe
 
 from .conftest import tiny_config
 
@@ -196,3 +197,14 @@ def test_cli_export_from_run_dir_writes_a_verifiable_manifest(run_dir, tmp_path,
     manifest = verify_manifest(tmp_path / "x")
     assert manifest["format"] == "awq" and manifest["calq"]["temperature"] == 1.25
     assert set(manifest["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+
+
+def test_recipe_export_entries_name_a_quantize_variant(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nquantize: [{name: w4, weights: {bits: 4, group_size: 32}}]\n"
+                      "export: [{format: gguf, variant: w4}, {format: awq, variant: w8}]\n")
+    with pytest.raises(CalqError, match=r"export variant 'w8' is not one of the quantize variants \['w4'\]"):
+        load_recipe(recipe)
+    recipe.write_text(recipe.read_text().replace("w8", "w4").replace("awq", "onnx"))
+    with pytest.raises(CalqError, match="export.1.format"):
+        load_recipe(recipe)
