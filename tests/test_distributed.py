@@ -1,0 +1,65 @@
+import pickle
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from quant.cache import CalqError
+from quant.distributed import evaluate_distributed
+from quant.evaluate import BootstrapConfig, EvalConfig, MMLUConfig, TextEvalConfig, evaluate
+from quant.methods import QuantSpec
+from quant.quantize import WeightScheme, quantize
+
+# 3 windows: uneven blocks over 2 processes; 57 MMLU items in batches of 8: 8 batches, the last one short
+CFG = EvalConfig(text=TextEvalConfig(windows=3, seq_len=64), mmlu=MMLUConfig(per_subject=1, batch_size=8),
+                 bootstrap=BootstrapConfig(resamples=50))
+
+
+def _worker(rank: int, world: int, port: int, models, tokenizer, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        evals = evaluate_distributed(models, tokenizer, CFG, reference="fp")
+        with open(f"{out}.{rank}", "wb") as f:
+            pickle.dump(evals, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_two_gloo_processes_reproduce_the_single_process_metrics_exactly(tiny_model, tokenizer, tmp_path):
+    models = {"fp": tiny_model, "w4": quantize(tiny_model, QuantSpec(name="w4", weights=WeightScheme(group_size=32))).model}
+    single = evaluate(models, tokenizer, CFG, reference="fp")
+    # fork: the children inherit the imported modules (a spawned child re-imports torch and transformers)
+    mp.start_processes(_worker, args=(2, _free_port(), models, tokenizer, str(tmp_path / "evals")), nprocs=2,
+                       start_method="fork")
+    for rank in range(2):
+        with open(tmp_path / f"evals.{rank}", "rb") as f:
+            dist_evals = pickle.load(f)
+        for name, s in single.items():
+            d = dist_evals[name]
+            assert d.text["n"] == 3 * 63 and d.mmlu["n"] == 57
+            np.testing.assert_equal(d.text, s.text)  # exact, NaN == NaN
+            np.testing.assert_equal(d.mmlu, s.mmlu)
+            assert d.intervals.keys() == s.intervals.keys() and d.answer_distribution == s.answer_distribution
+            np.testing.assert_equal({k: vars(v) for k, v in d.intervals.items()},
+                                    {k: vars(v) for k, v in s.intervals.items()})
+            np.testing.assert_equal({k: {c: vars(e) for c, e in v.items()} for k, v in d.vs_reference.items()},
+                                    {k: {c: vars(e) for c, e in v.items()} for k, v in s.vs_reference.items()})
+            for kind in ("token_predictions", "mmlu_predictions"):
+                np.testing.assert_equal(vars(getattr(d, kind)), vars(getattr(s, kind)))
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_without_a_process_group_it_says_how_to_launch(tiny_model, tokenizer):
+    with pytest.raises(CalqError, match="torchrun"):
+        evaluate_distributed({"fp": tiny_model}, tokenizer, CFG, reference="fp")
