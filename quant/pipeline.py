@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -27,9 +27,10 @@ from quant.evaluate import ModelEval, eval_windows, evaluate
 from quant.gate import GateReport, check_gates
 from quant.lens import layer_calibration
 from quant.models import load_model
-from quant.plots import reliability_diagram
+from quant.plots import confidence_histogram, reliability_diagram
 from quant.methods import quantize_variant
 from quant.quantize import QuantizeResult
+from quant.recalibrate import SUFFIX, TemperatureFit, recalibrate
 from quant.recipe import Recipe
 from quant.report import write_report
 from quant.sequential import calibrate_sequential
@@ -69,6 +70,8 @@ class RunResult:
     evals: dict[str, ModelEval]
     gates: GateReport
     report: dict
+    recalibration: dict[str, TemperatureFit] = field(default_factory=dict)
+    """Fitted temperature per variant (empty when the recipe's recalibrate is null)."""
 
 
 def _fingerprint_ok(directory: Path, fingerprint: str) -> bool:
@@ -152,9 +155,18 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
         variants = {spec.name: timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats, selection.token_ids)
                     for spec in recipe.quantize}
+    fits: dict[str, TemperatureFit] = {}
+    shipped: dict[str, object] = {}  # re-calibrated copies: what is saved and gated (the raw variant is evaluated too)
     for name, variant in variants.items():
-        save_quantized(variant, tokenizer, run_dir / "models" / name)
-    models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}}
+        if recipe.recalibrate is None:
+            save_quantized(variant, tokenizer, run_dir / "models" / name)
+            continue
+        fixed = timed(f"recalibrate_{name}", recalibrate, variant.model, selection.token_ids, recipe.recalibrate,
+                      model if recipe.recalibrate.method == "label_free" else None)
+        fits[name], shipped[name + SUFFIX] = fixed.fit, fixed.model
+        save_quantized(replace(variant, model=fixed.model), tokenizer, run_dir / "models" / name,
+                       {"calq_temperature": repr(fixed.fit.temperature)})
+    models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}, **shipped}
     evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
     lens = None
     if recipe.evaluation.logit_lens is not None:  # where in depth quantization moves confidence
@@ -162,18 +174,22 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         windows = eval_windows(tokenizer, lens_text)
         lens = timed("logit_lens", layer_calibration, models, windows, recipe.evaluation.ece_bins)
         lens.plot(run_dir / "layerwise.png", f"layer-wise calibration ({recipe.name})")
-    gates = check_gates(evals, list(recipe.gates), REFERENCE)
-    gates.save(run_dir / "gate.json")
+    gates = check_gates(evals, list(recipe.gates), REFERENCE, list(shipped) or list(variants))
+    gates.write(run_dir)
 
     fp_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     evaluation = {}
     for name, ev in evals.items():
-        v = variants.get(name)
+        base = name.removesuffix(SUFFIX) if name in shipped else name
+        v = variants.get(base)
         evaluation[name] = {"text": ev.text, "mmlu": ev.mmlu, "answer_distribution": ev.answer_distribution,
+                            "intervals": {k: asdict(e) for k, e in ev.intervals.items()},
+                            "vs_reference": {k: {c: asdict(e) for c, e in d.items()} for k, d in ev.vs_reference.items()},
+                            "temperature": fits[base].temperature if name in shipped else None,
                             "size_mb": (v.weight_bytes() if v else fp_bytes) / 2**20,
                             "method": v.spec.method if v else "none",
-                            "quantize_seconds": timings.get(f"quantize_{name}"),
-                            "quantize_peak_rss_mb": peak_mb.get(f"quantize_{name}"),
+                            "quantize_seconds": timings.get(f"quantize_{base}"),
+                            "quantize_peak_rss_mb": peak_mb.get(f"quantize_{base}"),
                             "layers_quantized": len(v.quantized) if v else 0,
                             "layers_kept": len(v.kept) if v else "all", "kept": v.kept if v else {}}
     report = {
@@ -187,7 +203,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
             stats.summary().items(), key=lambda kv: -kv[1]["outlier_ratio"])[:5])},
         "evaluation": evaluation,
         "gates": {"passed": gates.passed, "results": [r.__dict__ for r in gates.results],
-                  "lines": [r.line() for r in gates.results]},
+                  "lines": [r.line() for r in gates.results], "markdown": gates.markdown()},
+        "recalibration": {n: {**asdict(f), "variant": n + SUFFIX} for n, f in fits.items()},
         "logit_lens": lens.table() if lens else None,
         "confidence_bands": {},
         "timings": timings,
@@ -200,9 +217,11 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
             reliability_diagram({n: (p.confidence, p.correct) for n, p in preds.items()},
                                 run_dir / f"reliability_{kind}.png", f"{kind} reliability ({recipe.name})",
                                 recipe.evaluation.ece_bins)
+            confidence_histogram({n: p.confidence for n, p in preds.items()}, REFERENCE,
+                                 run_dir / f"confidence_{kind}.png", f"{kind} confidence ({recipe.name})")
             report["confidence_bands"][kind] = {n: band_table(p.confidence, p.correct) for n, p in preds.items()}
     write_report(report, run_dir)
     for cfg in recipe.export:
         timed(f"export_{cfg.variant}_{cfg.format}", export, run_dir, cfg,
               run_dir / "export" / f"{cfg.variant}-{cfg.format}")
-    return RunResult(run_dir, selection, stats, variants, evals, gates, report)
+    return RunResult(run_dir, selection, stats, variants, evals, gates, report, fits)

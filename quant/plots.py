@@ -1,4 +1,5 @@
-"""Pictures of calibration: reliability diagrams with confidence histograms, one panel per model."""
+"""Pictures of calibration: reliability diagrams (one panel per model) and confidence histograms
+(each variant over the reference)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,30 @@ def reliability_diagram(predictions: dict[str, tuple[np.ndarray, np.ndarray]], p
             top.set_ylabel("accuracy")
             bottom.set_ylabel("fraction")
             top.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def confidence_histogram(confidence: dict[str, np.ndarray], reference: str, path: Path, title: str,
+                         bins: int = 20) -> None:
+    """One panel per variant: its confidence distribution drawn over the reference's, so a shift toward
+    over- or under-confidence after quantization (or its repair by re-calibration) shows at a glance."""
+    variants = [n for n in confidence if n != reference] or [reference]
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.2), sharey=True, squeeze=False)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for ax, name in zip(axes[0], variants):
+        for label, conf, style in ((reference, confidence[reference], dict(histtype="stepfilled", color="gray",
+                                                                           alpha=0.4)),
+                                   (name, confidence[name], dict(histtype="step", color="tab:blue", lw=1.6))):
+            ax.hist(conf, bins=edges, weights=np.full(len(conf), 1.0 / max(len(conf), 1)),
+                    label=f"{label} (mean {np.mean(conf):.3f})", **style)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.legend(fontsize=7, loc="upper center")
+    axes[0, 0].set_ylabel("fraction of predictions")
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:

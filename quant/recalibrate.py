@@ -26,6 +26,8 @@ from quant.mappings import fold_scales
 from quant.schema import StrictModel
 
 Method = Literal["labelled", "label_free"]
+SUFFIX = "+T"
+"""Appended to a variant's name for its re-calibrated copy (`w4a16-g128` -> `w4a16-g128+T`)."""
 
 
 class RecalibrateConfig(StrictModel):

@@ -16,6 +16,7 @@ from quant.export import ExportConfig
 from quant.gate import GateRule
 from quant.models import ModelConfig
 from quant.methods import QuantSpec
+from quant.recalibrate import SUFFIX, RecalibrateConfig
 from quant.schema import StrictModel
 from quant.sequential import SequentialConfig
 
@@ -29,6 +30,9 @@ class Recipe(StrictModel):
     gates: tuple[GateRule, ...] = ()
     export: tuple[ExportConfig, ...] = ()
     """Checkpoints for other runtimes, written to <run dir>/export/<variant>-<format> after the gates."""
+    recalibrate: RecalibrateConfig | None = None
+    """Temperature re-calibration of every variant after quantization (fitted on the calibration samples,
+    folded into the saved checkpoint, which is what the gates check); null = off."""
     sequential: SequentialConfig | None = None
     """Calibrate layer by layer from the checkpoint on disk (peak memory ~ one layer); null = whole model."""
     output: str = "runs/{name}"
@@ -37,8 +41,8 @@ class Recipe(StrictModel):
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
         names = [q.name for q in self.quantize]
-        if len(set(names)) != len(names) or "fp" in names:
-            raise ValueError(f"quantize variant names must be unique and not 'fp' (got {names})")
+        if len(set(names)) != len(names) or "fp" in names or any(n.endswith(SUFFIX) for n in names):
+            raise ValueError(f"quantize variant names must be unique, not 'fp' and not end in {SUFFIX!r} (got {names})")
         return self
 
     @model_validator(mode="after")

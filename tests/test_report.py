@@ -1,0 +1,87 @@
+"""`calq run` end to end on a tiny random model saved to disk, with re-calibration on: what is evaluated,
+saved, gated and reported (the real-model version is tests/test_pipeline.py, marked slow)."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quant.checkpoint import checkpoint_info, load
+from quant.cli import main
+from quant.pipeline import run
+from quant.recipe import load_recipe
+from tests.conftest import _corpus, tiny_config
+
+RECIPE = """
+name: tiny
+model: {{source: {model}}}
+calibration: {{sources: [{text}], num_samples: 8, seq_len: 64, min_len: 32}}
+quantize:
+  - {{name: w4, weights: {{bits: 4, group_size: 32, symmetric: false}}}}
+evaluation:
+  text: {{sources: [{text}], windows: 4, seq_len: 64}}
+  mmlu: {{per_subject: 1, batch_size: 16}}
+  bootstrap: {{resamples: 200}}
+recalibrate: {{method: label_free, positions: 256, max_samples: 8}}
+gates:
+  - {{metric: text.perplexity, max_ratio: 100}}
+  - {{metric: text.ece, max_increase: 0.5}}
+  - {{metric: mmlu.accuracy, min: 0.99}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "text.txt").write_text("\n".join(_corpus()))  # a local source keeps selection fast
+    (root / "tiny.yaml").write_text(RECIPE.format(model=root / "model", text=root / "text.txt"))
+    return run(load_recipe(root / "tiny.yaml"), root / "run")
+
+
+def test_recalibrated_variant_is_evaluated_saved_and_gated(tiny_run, capsys):
+    result, run_dir = tiny_run, tiny_run.run_dir
+    assert set(result.evals) == {"fp", "w4", "w4+T"}
+    fit = result.recalibration["w4"]
+    assert fit.method == "label_free" and 0.25 < fit.temperature < 4 and fit.objective_after <= fit.objective_before
+    # the saved checkpoint is the re-calibrated model, with its temperature in the metadata
+    assert checkpoint_info(run_dir / "models" / "w4").temperature == fit.temperature
+    reloaded, _ = load(run_dir / "models" / "w4", device="cpu")
+    ids = torch.arange(5, 40)[None]
+    torch.testing.assert_close(reloaded(input_ids=ids).logits,
+                               run_models_logits(result, ids), rtol=1e-4, atol=1e-4)
+    # gates check the shipped variant only, on intervals
+    assert {r.variant for r in result.gates.results} == {"w4+T"} and len(result.gates.results) == 3
+    assert [r.passed for r in result.gates.results] == [True, True, False]
+    assert all(r.low is not None and r.low <= r.value <= r.high for r in result.gates.results[:2])
+    suite = ET.parse(run_dir / "gate.xml").getroot().find("testsuite")
+    assert suite.get("tests") == "3" and suite.get("failures") == "1"
+    assert main(["gate", str(run_dir)]) == 1
+    capsys.readouterr()
+
+
+def run_models_logits(result, ids):
+    """Logits of the in-memory re-calibrated model: the raw variant's divided by the fitted temperature."""
+    raw = result.variants["w4"].model(input_ids=ids).logits
+    return raw / result.recalibration["w4"].temperature
+
+
+def test_report_shows_intervals_recalibration_and_plots(tiny_run):
+    run_dir = tiny_run.run_dir
+    report = json.loads((run_dir / "report.json").read_text())
+    ev = report["evaluation"]
+    assert ev["w4+T"]["temperature"] == report["recalibration"]["w4"]["temperature"] and ev["w4"]["temperature"] is None
+    est = ev["w4+T"]["intervals"]["text.ece"]
+    assert est["value"] == ev["w4+T"]["text"]["ece"] and est["low"] <= est["high"]
+    assert set(ev["w4+T"]["vs_reference"]["text.perplexity"]) == {"difference", "ratio"}
+    md = (run_dir / "report.md").read_text()
+    assert "## Re-calibration" in md and "| w4 | label_free |" in md and "## Gate: FAIL" in md
+    assert f"{est['value']:.4f} [{est['low']:.4f}, {est['high']:.4f}]" in md
+    for name in ("reliability_token.png", "reliability_mmlu.png", "confidence_token.png", "confidence_mmlu.png",
+                 "gate.json", "gate.md", "gate.xml"):
+        assert (run_dir / name).stat().st_size > 100, name
