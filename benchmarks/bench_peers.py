@@ -33,20 +33,28 @@ from quant.awq import AWQConfig, calibration_subset
 from quant.cache import write_text_atomic
 from quant.compare import COMPARISON
 from quant.evaluate import evaluate
-from quant.methods import quantize_variant
+from quant.methods import QuantSpec, quantize_variant
 from quant.models import load_model, resolve_model_path
 from quant.pipeline import REFERENCE, PeakRSS, calibrate
 from quant.quantize import quantize
 from quant.recipe import load_recipe
 
 SQ = next(spec.smoothquant for spec in COMPARISON if spec.method == "smoothquant")
-# ours: the `calq compare` variants each peer is measured against
-OURS = {spec.name: spec for spec in COMPARISON if spec.name in (
-    "w4a16-g128-minmax", "w4a16-g128-awq", "w8a8-static-minmax", "w8a8-static-smoothquant",
-    "w8a8-dynamic-smoothquant")}
-# (peer, ours) pairs whose quality and time ratios are printed
-PAIRS = (("llmc-awq", "w4a16-g128-awq"), ("autoawq", "w4a16-g128-awq"),
-         ("llmc-sq-dynamic", "w8a8-dynamic-smoothquant"), ("llmc-sq-static", "w8a8-static-smoothquant"))
+W8_OURS = ("w8a8-static-minmax", "w8a8-static-smoothquant", "w8a8-dynamic-smoothquant")
+
+
+def ours(group_size: int) -> dict[str, QuantSpec]:
+    """The `calq compare` variants the peers are measured against, W4 at `group_size` (the peers need
+    it to divide every layer's input width; ours allows a ragged last group)."""
+    specs = {s.name: s for s in COMPARISON if s.name in W8_OURS}
+    for s in COMPARISON:
+        if s.name in ("w4a16-g128-minmax", "w4a16-g128-awq"):
+            name = s.name.replace("g128", f"g{group_size}")
+            specs[name] = s.model_copy(update={"name": name, "weights": s.weights.model_copy(
+                update={"group_size": group_size})})
+    return specs
+
+
 QUALITY = ("perplexity", "ppl_increase_pct", "kl_to_fp", "token_ece", "mmlu_accuracy", "mmlu_ece")
 
 
@@ -68,10 +76,15 @@ def _llmc(model: nn.Module, samples: list[Tensor], smoothing, scheme) -> nn.Modu
     return m
 
 
-def llmc_awq(model, samples, awq_samples, stats):
-    from llmcompressor.modifiers.transform.awq import AWQModifier
+def llmc_awq(group_size: int):
+    def run(model, samples, awq_samples, stats):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    return _llmc(model, awq_samples, AWQModifier(), "W4A16_ASYM")
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=4, strategy="group", group_size=group_size, symmetric=False))
+        return _llmc(model, awq_samples, AWQModifier(), scheme)
+    return run
 
 
 def llmc_sq(static: bool):
@@ -88,16 +101,20 @@ def llmc_sq(static: bool):
     return run
 
 
-def autoawq(source: str):
+def autoawq(source: str, minmax: QuantSpec):
     def run(model, samples, awq_samples, stats):
         from awq import AutoAWQForCausalLM
 
         wrapper = AutoAWQForCausalLM.from_pretrained(resolve_model_path(source), torch_dtype=torch.float32)
-        wrapper.quantize(None, {"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
+        config = {"zero_point": True, "q_group_size": minmax.weights.group_size, "w_bit": 4, "version": "GEMM"}
+        wrapper.quantize(None, config,
                          calib_data=[s.tolist() for s in awq_samples], export_compatible=True,
                          max_calib_samples=len(awq_samples), max_calib_seq_len=max(len(s) for s in awq_samples))
-        return quantize(wrapper.model.eval(), OURS["w4a16-g128-minmax"], stats).model
+        return quantize(wrapper.model.eval(), minmax, stats).model
     return run
+
+
+PEERS = ("llmc-awq", "autoawq", "llmc-sq-dynamic", "llmc-sq-static")
 
 
 def _quality(ev, fp_ppl: float) -> dict:
@@ -117,22 +134,31 @@ def main() -> None:
                     help="report.json of a `calq compare` run on the same recipe: our variants are still quantized "
                          "here (for the time ratios) but their quality is read from it instead of evaluated again "
                          "(quantization and evaluation are deterministic; fp is evaluated here and checked equal)")
+    ap.add_argument("--group-size", type=int, default=64, help="W4 group size for ours and the peers")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
     args.out.mkdir(parents=True, exist_ok=True)
+    g = args.group_size
+    our_specs = ours(g)
+    selected = [n for n in [*our_specs, *PEERS] if not args.only or n in args.only]
+    weight_only = all(n in ("llmc-awq", "autoawq") or our_specs[n].activations is None for n in selected)
     model, tokenizer = load_model(recipe.model)
-    selection, stats = calibrate(recipe, model, tokenizer, args.out)
+    selection, stats = calibrate(recipe, model, tokenizer, args.out, with_stats=not weight_only)
     samples = selection.token_ids
     awq_samples = calibration_subset(samples, AWQConfig().max_tokens)
     print(f"calibration: {len(samples)} samples ({sum(map(len, samples))} tokens); AWQ searches on "
           f"{len(awq_samples)} of them ({sum(map(len, awq_samples))} tokens)")
 
-    jobs = {**{n: (lambda m, s, a, st, spec=spec: quantize_variant(m, spec, st, s).model) for n, spec in OURS.items()},
-            "llmc-awq": llmc_awq, "autoawq": autoawq(recipe.model.source),
+    prior = json.loads(args.ours_from.read_text())["evaluation"] if args.ours_from else {}
+    jobs = {**{n: (lambda m, s, a, st, spec=spec: quantize_variant(m, spec, st, s).model)
+               for n, spec in our_specs.items()},
+            "llmc-awq": llmc_awq(g), "autoawq": autoawq(recipe.model.source, our_specs[f"w4a16-g{g}-minmax"]),
             "llmc-sq-dynamic": llmc_sq(False), "llmc-sq-static": llmc_sq(True)}
+    pairs = (("llmc-awq", f"w4a16-g{g}-awq"), ("autoawq", f"w4a16-g{g}-awq"),
+             ("llmc-sq-dynamic", "w8a8-dynamic-smoothquant"), ("llmc-sq-static", "w8a8-static-smoothquant"))
     models, rows = {REFERENCE: model}, {REFERENCE: {"variant": REFERENCE}}
     for name, job in jobs.items():
-        if args.only and name not in args.only:
+        if name not in selected:
             continue
         t0 = time.perf_counter()
         try:
@@ -143,17 +169,16 @@ def main() -> None:
             rows[name] = {"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
             continue
         rows[name] = {"variant": name, "quantize_s": time.perf_counter() - t0, "peak_rss_mb": peak.mb}
-        if not (args.ours_from and name in OURS):
+        if name not in prior:
             models[name] = quantized
         print(f"{name}: {rows[name]['quantize_s']:.1f} s")
 
     evals = {n: {"text": e.text, "mmlu": e.mmlu}
              for n, e in evaluate(models, tokenizer, recipe.evaluation, REFERENCE).items()}
-    if args.ours_from:
-        prior = json.loads(args.ours_from.read_text())["evaluation"]
+    if prior:
         if abs(prior[REFERENCE]["text"]["perplexity"] - evals[REFERENCE]["text"]["perplexity"]) > 1e-6:
             raise SystemExit(f"{args.ours_from} was evaluated on other data: its fp perplexity differs")
-        evals.update({n: prior[n] for n in rows if n in OURS and n in prior})
+        evals.update({n: prior[n] for n in rows if n in prior and n != REFERENCE})
     fp_ppl = evals[REFERENCE]["text"]["perplexity"]
     for name, ev in evals.items():
         rows[name].update(_quality(ev, fp_ppl))
@@ -167,10 +192,10 @@ def main() -> None:
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows.values()]
     lines += ["", "| ours vs peer | ppl increase ours / peer | KL ours / peer | time ours / peer |",
               "|---|---|---|---|"]
-    for peer, ours in PAIRS:
-        p, o = rows.get(peer, {}), rows.get(ours, {})
+    for peer, mine in pairs:
+        p, o = rows.get(peer, {}), rows.get(mine, {})
         if "perplexity" in p and "perplexity" in o:
-            lines.append(f"| {ours} vs {peer} | {o['ppl_increase_pct']:.2f}% / {p['ppl_increase_pct']:.2f}% | "
+            lines.append(f"| {mine} vs {peer} | {o['ppl_increase_pct']:.2f}% / {p['ppl_increase_pct']:.2f}% | "
                          f"{o['kl_to_fp'] / p['kl_to_fp']:.3f} | {o['quantize_s'] / p['quantize_s']:.3f} |")
     text = "\n".join(lines) + "\n"
     write_text_atomic(args.out / "peers.md", text)

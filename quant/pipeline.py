@@ -126,10 +126,12 @@ def _sequential(recipe: Recipe, selection: Selection, directory: Path) -> tuple[
     return result.stats, result.variants
 
 
-def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path) -> tuple[Selection, ActivationStats]:
-    """The recipe's calibration samples and activation statistics, cached in `run_dir` (reused when fresh)."""
+def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path,
+              with_stats: bool = True) -> tuple[Selection, ActivationStats | None]:
+    """The recipe's calibration samples and (unless weight-only work needs none) activation statistics,
+    cached in `run_dir` and reused when fresh."""
     selection = _selection(recipe, tokenizer, run_dir / "calibration")
-    return selection, _stats(recipe, model, selection, run_dir / "stats")
+    return selection, _stats(recipe, model, selection, run_dir / "stats") if with_stats else None
 
 
 def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
