@@ -76,8 +76,8 @@ def test_label_free_recalibration_repairs_an_overconfident_model(moderate):
     """Fit on calibration samples, measured on other (held-out) samples: ECE drops back to the reference's."""
     overconfident = copy.deepcopy(moderate)
     apply_temperature(overconfident, 0.5)  # logits x2
-    fit_text, heldout = sample_from(moderate, seed=0), sample_from(moderate, seed=1)
-    fixed = recalibrate(overconfident, fit_text, RecalibrateConfig(method="label_free", positions=1024),
+    fit_text, heldout = sample_from(moderate, 16, 48, seed=0), sample_from(moderate, 16, 48, seed=1)
+    fixed = recalibrate(overconfident, fit_text, RecalibrateConfig(method="label_free", positions=512),
                         reference=moderate)
     assert fixed.fit.temperature == pytest.approx(2.0, rel=0.05)
     assert overconfident.model.norm.weight is not fixed.model.model.norm.weight  # a copy; the input is untouched
