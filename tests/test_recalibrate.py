@@ -66,9 +66,9 @@ def test_labelled_fit_undoes_overconfidence(peaked, sampled_text):
     assert calibrated.temperature == pytest.approx(1.0, rel=0.15)
 
 
-def test_label_free_needs_reference(tiny_model, sampled_text):
+def test_label_free_needs_reference(tiny_model):
     with pytest.raises(ValueError, match="needs the full-precision reference"):
-        fit_temperature(tiny_model, sampled_text, RecalibrateConfig(method="label_free"))
+        fit_temperature(tiny_model, [torch.arange(20)], RecalibrateConfig(method="label_free"))
 
 
 @pytest.mark.parametrize("family", ["llama"])
