@@ -33,10 +33,11 @@ COLUMNS = ("accuracy", "mean_confidence", "ece", "mce")
 
 
 class LensConfig(StrictModel):
-    """Held-out windows for the logit lens: the first `windows` of the evaluation split (a small subset,
-    since every layer is projected onto the whole vocabulary)."""
+    """Held-out windows for the logit lens: the first `windows` of the evaluation split (a small subset:
+    every layer is projected onto the whole vocabulary; measured on SmolLM2-135M, 2 CPU cores, about 28 CPU
+    seconds per window and model)."""
 
-    windows: int = Field(8, ge=1)
+    windows: int = Field(4, ge=1)
     seq_len: int = Field(512, ge=16)
 
 
