@@ -224,9 +224,47 @@ def _export_awq(src: _Source, dtype: torch.dtype, out: Path) -> None:
 # GGUF (llama.cpp)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _permute_rope(w: Tensor, heads: int) -> Tensor:
-    """Hugging Face's rotary layout -> llama.cpp's (interleaved pairs), as llama.cpp's converter does for q and k."""
+def _permute_rope(w: Tensor | np.ndarray, heads: int) -> Tensor | np.ndarray:
+    """Hugging Face's rotary layout -> llama.cpp's (interleaved pairs), as llama.cpp's converter does for q and k:
+    a permutation of rows (output features)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_BLOCK = 32
+"""llama.cpp's Q8_0, Q4_0 and Q4_1 blocks: 32 weights along the input with one float16 scale (Q4_1: and a min)."""
+
+
+def _gguf_blocks(name: str, q: QuantLinear) -> tuple[np.ndarray, object]:
+    """Our codes and scales written straight into llama.cpp blocks, row by row: W8 as Q8_0, symmetric W4 as Q4_0,
+    asymmetric W4 as Q4_1 (scale d, min -zero * scale). Exact up to the blocks' float16 scales, for any group size
+    that is a whole number of blocks; re-quantizing our dequantized weights instead rounds a second time (g64 into
+    32-wide Q4_1 blocks changed SmolLM2's top-1 token at 30% of positions)."""
+    import gguf
+
+    n, k = q.out_features, q.in_features
+    group = q.scheme.group_size or k
+    if k % GGUF_BLOCK or group % GGUF_BLOCK:
+        raise CalqError(f"{name} has {k} inputs in groups of {group}; llama.cpp stores whole blocks of {GGUF_BLOCK}: "
+                        f"quantize with a group_size that is a multiple of {GGUF_BLOCK}, or use --format "
+                        "compressed-tensors")
+    blocks = k // GGUF_BLOCK
+
+    def per_block(t: Tensor) -> np.ndarray:  # (n, groups) -> float16 bytes (n, blocks, 2)
+        t = t.float().reshape(n, -1).repeat_interleave(group // GGUF_BLOCK, 1)[:, :blocks]
+        return t.half().numpy().view(np.uint8).reshape(n, blocks, 2)
+
+    if q.scheme.bits == 8:
+        codes = q.qweight.numpy().view(np.uint8).reshape(n, blocks, GGUF_BLOCK)
+        parts, qtype = [per_block(q.scales), codes], gguf.GGMLQuantizationType.Q8_0
+    else:  # a block's byte j holds weight j (low nibble) and weight j + 16 (high nibble)
+        codes = kernels.unpack_int4(q.qweight, k).numpy().reshape(n, blocks, 2, GGUF_BLOCK // 2)
+        nibbles = codes[..., 0, :] | (codes[..., 1, :] << 4)
+        if q.scheme.symmetric:  # our symmetric zero point is 8, Q4_0's too
+            parts, qtype = [per_block(q.scales), nibbles], gguf.GGMLQuantizationType.Q4_0
+        else:
+            parts, qtype = ([per_block(q.scales), per_block(-q.zeros.float() * q.scales.float()), nibbles],
+                            gguf.GGMLQuantizationType.Q4_1)
+    return np.concatenate(parts, axis=-1).reshape(n, -1), qtype
 
 
 def _gguf_vocab(writer, tokenizer, directory: Path) -> None:
@@ -251,8 +289,8 @@ def _gguf_vocab(writer, tokenizer, directory: Path) -> None:
 
 
 def _export_gguf(src: _Source, dtype: torch.dtype, out: Path) -> None:
-    """A llama-architecture GGUF: W8 layers as Q8_0, W4 as Q4_1 (asymmetric) or Q4_0 (symmetric), re-quantized by
-    gguf's quantizer from our dequantized weights; norms F32, other full-precision tensors in `dtype`."""
+    """A llama-architecture GGUF: quantized layers as our own codes in llama.cpp blocks (see _gguf_blocks); norms
+    F32, other full-precision tensors in `dtype`."""
     import gguf
 
     cfg = src.model.config
@@ -260,8 +298,6 @@ def _export_gguf(src: _Source, dtype: torch.dtype, out: Path) -> None:
         raise CalqError(f"GGUF export writes the llama architecture; this model is {cfg.model_type!r}: "
                         "use --format compressed-tensors")
     bits, sym = src.info.spec.weights.bits, src.info.spec.weights.symmetric
-    qtype = (gguf.GGMLQuantizationType.Q8_0 if bits == 8 else
-             gguf.GGMLQuantizationType.Q4_0 if sym else gguf.GGMLQuantizationType.Q4_1)
     float_type = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
                   torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -275,6 +311,8 @@ def _export_gguf(src: _Source, dtype: torch.dtype, out: Path) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -289,26 +327,22 @@ def _export_gguf(src: _Source, dtype: torch.dtype, out: Path) -> None:
     _gguf_vocab(writer, src.tokenizer, src.directory)
 
     quantized = src.quantized
-    tensors = {f"{n}.weight": q.dequantized_weight() for n, q in quantized.items()}
+    tensors: dict[str, Tensor | QuantLinear] = {f"{n}.weight": q for n, q in quantized.items()}
     tensors.update({f"{n}.bias": q.bias.float() for n, q in quantized.items() if q.bias is not None})
     tensors.update(_fp_state(src, torch.float32))
     for hf_name, w in tensors.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise CalqError(f"GGUF export has no llama.cpp name for tensor {hf_name}; use --format compressed-tensors")
-        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _permute_rope(w, heads if "q_proj" in hf_name else kv_heads)
-        data = w.float().numpy()
-        module = hf_name.rpartition(".")[0]
-        if module in quantized and hf_name.endswith(".weight"):
-            if data.shape[-1] % 32:
-                raise CalqError(f"{module} has {data.shape[-1]} inputs, not a multiple of llama.cpp's block of 32; "
-                                "use --format compressed-tensors")
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        elif data.ndim == 1 or float_type == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, data.astype(np.float32))
+        if isinstance(w, QuantLinear):
+            data, raw_dtype = _gguf_blocks(hf_name.rpartition(".")[0], w)
+        elif w.ndim == 1 or float_type == gguf.GGMLQuantizationType.F32:
+            data, raw_dtype = w.float().numpy(), None
         else:
-            writer.add_tensor(name, gguf.quants.quantize(data, float_type), raw_dtype=float_type)
+            data, raw_dtype = gguf.quants.quantize(w.float().numpy(), float_type), float_type
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            data = _permute_rope(data, heads if "q_proj" in hf_name else kv_heads)  # rows, so packed blocks too
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)

@@ -8,7 +8,7 @@ import gguf
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import quant
 from quant.cache import CalqError
@@ -164,12 +164,13 @@ def test_gguf_reads_back_with_gguf_and_transformers(run_dir, tokenizer, tmp_path
         t = tensors[gname]
         assert t.tensor_type.name == qtype
         theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(q.out_features, -1)
-        # gguf re-quantizes our weights in blocks of 32: within half our step (plus fp16 block scales)
         ours = q.dequantized_weight()
         step = q.scales.float().reshape(q.out_features, -1).repeat_interleave(32 if variant == "w4-g32" else q.in_features, 1)
         if kind in ("q_proj", "k_proj"):  # llama.cpp's rotary layout
             ours, step = (_permute_rope(t, 4 if kind == "q_proj" else 2) for t in (ours, step))
-        assert ((theirs - ours).abs() <= 0.5 * step + 2e-3 * ours.abs().amax(1, keepdim=True)).all()
+        # our codes under float16 block scales (Q4_1: and mins): 2% of a step (W4) or 0.1% of the weight (W8) at
+        # most, where re-quantizing by gguf moved weights by up to half a step
+        assert ((theirs - ours).abs() <= 2e-2 * step + 1e-3 * ours.abs()).all()
     assert tensors["token_embd.weight"].tensor_type.name == "F16"
     ours_model, _ = _ours(run_dir, variant)
     theirs_model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
@@ -178,6 +179,41 @@ def test_gguf_reads_back_with_gguf_and_transformers(run_dir, tokenizer, tmp_path
     assert their_tok(["the river market of alpha"]).input_ids[0] == ids[0].tolist()
     # weights re-quantized by gguf, fp16 embeddings, no activation quantization: close, not equal
     torch.testing.assert_close(theirs_model(ids).logits, ours_model(ids).logits, rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize(("symmetric", "qtype"), [(False, "Q4_1"), (True, "Q4_0")])
+def test_gguf_keeps_group_64_codes_on_a_smollm2_shaped_model(tmp_path, tokenizer, symmetric, qtype):
+    """SmolLM2's shape (3 query heads per kv head, rope_theta 1e5) quantized in groups of 64, i.e. two llama.cpp
+    blocks each. Re-quantizing the dequantized weights into blocks of 32 rounded a second time: here an export
+    error 60% of the quantization error (now under 1%); on SmolLM2 it moved the top-1 token at 30% of positions."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e5}, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+    spec = QuantSpec(name="w4-g64", weights=WeightScheme(bits=4, group_size=64, symmetric=symmetric))
+    save_quantized(quantize(model, spec), tokenizer, tmp_path / "models" / "w4")
+    out = export(tmp_path / "models" / "w4", ExportConfig(format="gguf", dtype="float32"), tmp_path / "gguf").out
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors if t.name.endswith("q.weight")} == {qtype}
+    ours, layers = _ours(tmp_path, "w4")
+    theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    assert (theirs.config.num_attention_heads, theirs.config.num_key_value_heads, theirs.config.head_dim) == (6, 2, 32)
+    assert theirs.config.rope_parameters["rope_theta"] == 1e5
+    for name, q in layers.items():  # transformers undoes llama.cpp's rotary layout
+        step = q.scales.float().repeat_interleave(64, 1)
+        assert ((theirs.get_submodule(name).weight - q.dequantized_weight()).abs() <= 2e-2 * step).all(), name
+    ids = _ids(tokenizer)
+    export_error = (theirs(ids).logits - ours(ids).logits).abs().max()
+    quant_error = (model(ids).logits - ours(ids).logits).abs().max()
+    assert export_error < 0.02 * quant_error
+
+
+def test_gguf_refuses_groups_that_are_not_whole_blocks(tmp_path, tokenizer):
+    spec = QuantSpec(name="w4-g16", weights=WeightScheme(bits=4, group_size=16, symmetric=False))
+    save_quantized(quantize(_tiny("llama", tokenizer), spec), tokenizer, tmp_path / "w4")
+    with pytest.raises(CalqError, match="groups of 16; llama.cpp stores whole blocks of 32"):
+        export(tmp_path / "w4", ExportConfig(format="gguf"), tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
 
 
 def test_interrupted_export_leaves_no_complete_looking_directory(run_dir, tmp_path, monkeypatch):
