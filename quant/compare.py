@@ -94,8 +94,12 @@ def write_comparison(report: dict, run_dir: Path) -> list[dict]:
 
 
 def compare(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
-    """Run the comparison variants on the recipe's model, samples and evaluation data."""
-    spec = recipe.model_copy(update={"quantize": COMPARISON, "gates": ()})
+    """Run the comparison variants on the recipe's model, samples and evaluation data.
+
+    The methods are compared as they quantize: no re-calibration, logit lens or export (`calq run` does those)."""
+    evaluation = recipe.evaluation.model_copy(update={"logit_lens": None})
+    spec = recipe.model_copy(update={"quantize": COMPARISON, "gates": (), "recalibrate": None, "export": (),
+                                     "evaluation": evaluation})
     result = run(spec, Path(run_dir) if run_dir else recipe.run_dir / "compare")
     write_comparison(result.report, result.run_dir)
     return result
