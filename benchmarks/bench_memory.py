@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from quant.awq import AWQConfig
 from quant.cache import write_text_atomic
 from quant.methods import QuantSpec, quantize_variant
-from quant.models import ModelConfig, load_model
+from quant.models import ModelConfig, load_model, resolve_model_path
 from quant.quantize import WeightScheme
 from quant.sequential import SequentialConfig, calibrate_sequential
 from quant.stats import ActivationStats
@@ -52,6 +52,7 @@ def _watchdog(cap_mb: float) -> None:
 def child(args: argparse.Namespace) -> None:
     """One path in this (fresh) process: quantize, save the weights, print the measurements as JSON."""
     base_mb = psutil.Process().memory_info().rss / 2**20
+    torch.set_num_threads(args.threads)
     if args.cap_mb:
         threading.Thread(target=_watchdog, args=(args.cap_mb,), daemon=True).start()
     source = ModelConfig(source=args.model, dtype=args.dtype)
@@ -81,8 +82,10 @@ def _samples(args: argparse.Namespace, out: Path) -> Path:
         g = torch.Generator().manual_seed(0)
         ids = [torch.randint(0, LARGE["vocab_size"], (512,), generator=g) for _ in range(64)]
     else:
+        from transformers import AutoTokenizer
+
         from quant.calibration import SelectConfig, select_samples
-        _, tokenizer = load_model(ModelConfig(source=args.model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
         ids = select_samples(tokenizer, SelectConfig()).token_ids  # the default recipe's samples
     save_file({f"{i:05d}": t.contiguous() for i, t in enumerate(ids)}, path)
     return path
@@ -110,6 +113,8 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=None)
     ap.add_argument("--clip-grid", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch threads per path (1 is steadier on a shared machine)")
     ap.add_argument("--child", choices=["whole", "sequential"], dest="path", help=argparse.SUPPRESS)
     ap.add_argument("--samples", help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
@@ -131,21 +136,23 @@ def main() -> None:
         weights = args.out / f"weights-{path}.safetensors"
         cmd = [sys.executable, __file__, "--child", path, "--samples", str(samples), "--weights", str(weights),
                "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--grid", str(args.grid),
-               "--clip-grid", str(args.clip_grid), "--max-tokens", str(args.max_tokens)]
+               "--clip-grid", str(args.clip_grid), "--max-tokens", str(args.max_tokens),
+               "--threads", str(args.threads)]
         if args.cap_mb:
             cmd += ["--cap-mb", str(args.cap_mb)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with open(args.out / f"{path}.log", "w") as log:  # the child's progress bars
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         if proc.returncode == CAPPED:
             rows[path] = {"path": path, "exceeded_cap_mb": args.cap_mb, "seconds_until_cap": time.perf_counter() - t0}
         elif proc.returncode:
-            raise SystemExit(f"{path} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"{path} failed (exit {proc.returncode}); see {args.out / f'{path}.log'}")
         else:
             rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[path]))
     report = {"model": args.model, "dtype": args.dtype, "device": args.device, "cap_mb": args.cap_mb,
               "awq": {"grid": args.grid, "clip_grid": args.clip_grid, "max_tokens": args.max_tokens},
-              "torch_threads": torch.get_num_threads(), "runs": rows}
+              "torch_threads": args.threads, "runs": rows}
     if all("peak_rss_mb" in r for r in rows.values()):
         w, s = (load_file(args.out / f"weights-{p}.safetensors") for p in ("whole", "sequential"))
         report["weights"] = {"tensors": len(w), "same_keys": w.keys() == s.keys(),

@@ -21,6 +21,7 @@ Which outputs feed the next layer (SequentialConfig.propagate):
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from quant.cache import CalqError
 from quant.mappings import Layer, architecture, decoder_layers
 from quant.methods import QuantSpec
 from quant.models import ModelConfig, resolve_model_path
-from quant.quantize import QuantizeResult, QuantLinear, quantize
+from quant.quantize import QuantizeResult, quantize
 from quant.schema import StrictModel
 from quant.smoothquant import smooth_layer
 from quant.stats import ActivationStats, LayerStats, recording
@@ -255,10 +256,12 @@ def _finish(v: _Variant, stats: ActivationStats) -> None:
     for name, qlayer in v.done.items():
         model.set_submodule(name, qlayer)
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and not name.startswith(v.skeleton.prefix):
-            quantized = _quantize_module(v, name, mod, stats.layers)
-            if isinstance(quantized, QuantLinear):  # an ignored one stays as loaded (tied to the embeddings)
-                model.set_submodule(name, quantized)
+        if not isinstance(mod, nn.Linear) or name.startswith(v.skeleton.prefix):
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in v.spec.ignore):  # as quantize(), without copying
+            v.result.kept[name] = "ignored by recipe"  # the (tied) lm_head: a copy would cost a vocabulary
+        else:
+            model.set_submodule(name, _quantize_module(v, name, mod, stats.layers))
     v.result.model = model
 
 
