@@ -27,11 +27,12 @@ from pathlib import Path
 import psutil
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from quant.awq import AWQConfig
 from quant.cache import write_text_atomic
 from quant.methods import QuantSpec, quantize_variant
-from quant.models import ModelConfig, load_model, resolve_model_path
+from quant.models import ModelConfig, resolve_model_path
 from quant.quantize import WeightScheme
 from quant.sequential import SequentialConfig, calibrate_sequential
 from quant.stats import ActivationStats
@@ -63,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
     cuda = args.device.startswith("cuda")
     t0 = time.perf_counter()
     if args.path == "whole":
-        model, _ = load_model(source)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=getattr(torch, args.dtype))
         result = quantize_variant(model.to(args.device), spec, empty, samples)
     else:
         result = calibrate_sequential(source, samples, [spec], SequentialConfig(device=args.device),
