@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from quant.cache import CalqError
 from quant.mappings import Layer, decoder_layers, fold_scales
-from quant.quantize import WeightScheme, _grouped, fake_quantize
+from quant.quantize import WeightScheme, _grouped, fake_quantize, is_ignored
 from quant.schema import StrictModel
 
 
@@ -190,9 +190,11 @@ def calibration_subset(samples: list[Tensor], max_tokens: int) -> list[Tensor]:
 
 
 @torch.no_grad()
-def awq_layer(layer: Layer, hidden: list[Tensor], kwargs: list[dict], scheme: WeightScheme, cfg: AWQConfig) -> None:
+def awq_layer(layer: Layer, hidden: list[Tensor], kwargs: list[dict], scheme: WeightScheme, cfg: AWQConfig,
+              ignore: tuple[str, ...] = ()) -> None:
     """Search and fold AWQ scales and clip the weights of one decoder layer in place, on its inputs
-    `hidden` (one per sample, called with the matching `kwargs`)."""
+    `hidden` (one per sample, called with the matching `kwargs`). Linears matching `ignore` stay in full
+    precision, so they are never clipped (folding scales into them keeps their function)."""
     sites = _sites(layer)
     _capture(layer, sites, hidden, kwargs)
     for group in layer.groups:
@@ -204,13 +206,14 @@ def awq_layer(layer: Layer, hidden: list[Tensor], kwargs: list[dict], scheme: We
     if cfg.clip:
         for site in sites.values():
             for name, lin in zip(site.names, site.linears):
-                if name not in layer.unclipped:
+                if name not in layer.unclipped and not is_ignored(name, ignore):
                     clip = best_clip(lin.weight, site.gram, scheme, cfg.clip_grid, cfg.max_shrink)
                     lin.weight.copy_(clip_weight(lin.weight, scheme, clip))
 
 
 @torch.no_grad()
-def awq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: AWQConfig) -> nn.Module:
+def awq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: AWQConfig,
+        ignore: tuple[str, ...] = ()) -> nn.Module:
     """Return a deep copy of `model` with AWQ scales folded in and weights clipped (still float).
 
     Each layer is calibrated on the float outputs of the layers before it, already transformed
@@ -222,6 +225,6 @@ def awq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: AWQC
     layers = decoder_layers(smoothed)
     hidden, kwargs = layer_inputs(smoothed, layers, calibration_subset(samples, cfg.max_tokens))
     for layer, layer_kwargs in zip(tqdm(layers, desc="awq", unit="layer"), kwargs):
-        awq_layer(layer, hidden, layer_kwargs, scheme, cfg)
+        awq_layer(layer, hidden, layer_kwargs, scheme, cfg, ignore)
         hidden = [layer.module(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
     return smoothed

@@ -48,7 +48,7 @@ Transform = Callable[[nn.Module, QuantSpec, ActivationStats, list[Tensor]], tupl
 TRANSFORMS: dict[str, Transform] = {
     "minmax": lambda model, spec, stats, samples: (model, stats),
     "smoothquant": lambda model, spec, stats, samples: smooth(model, stats, spec.smoothquant),
-    "awq": lambda model, spec, stats, samples: (awq(model, samples, spec.weights, spec.awq), stats),
+    "awq": lambda model, spec, stats, samples: (awq(model, samples, spec.weights, spec.awq, spec.ignore), stats),
 }
 
 

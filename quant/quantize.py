@@ -178,6 +178,11 @@ class QuantizeResult:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a module is kept in full precision by the spec's `ignore` fnmatch patterns."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
 def quantize(model: nn.Module, spec: QuantSpec, stats: ActivationStats | None = None) -> QuantizeResult:
     """Return a quantized deep copy of `model` (the input model is never modified)."""
     if spec.activations is not None and spec.activations.mode == "static" and stats is None:
@@ -186,7 +191,7 @@ def quantize(model: nn.Module, spec: QuantSpec, stats: ActivationStats | None = 
     result = QuantizeResult(model=qmodel, spec=spec)
     linears = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in tqdm(linears, desc=f"quantize {spec.name}", leave=False):
-        if any(fnmatch.fnmatchcase(name, pat) for pat in spec.ignore):
+        if is_ignored(name, spec.ignore):
             result.kept[name] = "ignored by recipe"
             continue
         act_mode = spec.activations.mode if spec.activations else None

@@ -21,7 +21,6 @@ Which outputs feed the next layer (SequentialConfig.propagate):
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from quant.cache import CalqError
 from quant.mappings import Layer, architecture, decoder_layers
 from quant.methods import QuantSpec
 from quant.models import ModelConfig, resolve_model_path
-from quant.quantize import QuantizeResult, quantize
+from quant.quantize import QuantizeResult, is_ignored, quantize
 from quant.schema import StrictModel
 from quant.smoothquant import smooth_layer
 from quant.stats import ActivationStats, LayerStats, recording
@@ -215,7 +214,8 @@ LayerTransform = Callable[[Layer, QuantSpec, dict[str, LayerStats], list[Tensor]
 LAYER_TRANSFORMS: dict[str, LayerTransform] = {
     "minmax": lambda layer, spec, stats, hidden, kwargs: {},
     "smoothquant": lambda layer, spec, stats, hidden, kwargs: smooth_layer(layer, stats, spec.smoothquant),
-    "awq": lambda layer, spec, stats, hidden, kwargs: awq_layer(layer, hidden, kwargs, spec.weights, spec.awq) or {},
+    "awq": lambda layer, spec, stats, hidden, kwargs: awq_layer(layer, hidden, kwargs, spec.weights, spec.awq,
+                                                                        spec.ignore) or {},
 }
 
 
@@ -258,7 +258,7 @@ def _finish(v: _Variant, stats: ActivationStats) -> None:
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear) or name.startswith(v.skeleton.prefix):
             continue
-        if any(fnmatch.fnmatchcase(name, pat) for pat in v.spec.ignore):  # as quantize(), without copying
+        if is_ignored(name, v.spec.ignore):  # as quantize(), without copying
             v.result.kept[name] = "ignored by recipe"  # the (tied) lm_head: a copy would cost a vocabulary
         else:
             model.set_submodule(name, _quantize_module(v, name, mod, stats.layers))

@@ -94,6 +94,16 @@ def test_awq_without_clipping_only_folds_scales(tiny_model):
     torch.testing.assert_close(smoothed(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+def test_awq_never_clips_an_ignored_linear(tiny_model):
+    """grid=1 tries only r = 0 (no scaling), so any weight change comes from the clip search."""
+    calib = _ids(tiny_model.config.vocab_size, (48, 64), seed=8)
+    smoothed = awq(tiny_model, calib, G128, AWQConfig(grid=1), ignore=("*.down_proj",))
+    for name, lin in tiny_model.named_modules():
+        if name.endswith(("down_proj", "up_proj")):
+            changed = not torch.equal(smoothed.get_submodule(name).weight, lin.weight)
+            assert changed == name.endswith("up_proj"), name
+
+
 def test_unknown_architecture_is_a_clear_error():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(CalqError, match="'gpt2'.*llama"):
