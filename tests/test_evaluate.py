@@ -2,7 +2,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from quant import metrics
 from quant.evaluate import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig, evaluate,

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from quant import sequential
 from quant.awq import AWQConfig
