@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from quant.cache import CalqError, write_text_atomic
 from quant.data import load_mmlu
 from quant.evaluate import (EvalConfig, ModelEval, Predictions, _mmlu_eval, collect_text, eval_windows,
                             mmlu_predictions, reduce, stratified_items)
+from quant.recalibrate import Models
 
 
 def _block(n: int, rank: int, world: int) -> slice:
@@ -32,7 +32,7 @@ def _block(n: int, rank: int, world: int) -> slice:
     return slice(rank * n // world, (rank + 1) * n // world)
 
 
-def evaluate_distributed(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
+def evaluate_distributed(models: Models, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
                          reference: str) -> dict[str, ModelEval]:
     """evaluate() with the work shared by the processes of the default process group; every process
     returns the same results, equal to evaluate() in one process."""

@@ -29,9 +29,11 @@ from quant import metrics
 from quant.cache import CalqError
 from quant.data import MCItem, load_documents, load_mmlu
 from quant.lens import LensConfig
+from quant.recalibrate import Models, forward_groups
 from quant.schema import StrictModel
 
 LETTERS = "ABCD"
+
 
 
 class TextEvalConfig(StrictModel):
@@ -130,30 +132,31 @@ def eval_windows(tokenizer: PreTrainedTokenizerBase, cfg: TextEvalConfig) -> lis
 
 
 @torch.inference_mode()
-def collect_text(models: dict[str, nn.Module], windows: list[Tensor], reference: str) -> dict[str, Predictions]:
+def collect_text(models: Models, windows: list[Tensor], reference: str) -> dict[str, Predictions]:
     """Per-token predictions of every model on `windows`; KL and agreement are against `reference`."""
+    if not isinstance(models.get(reference), nn.Module):
+        raise ValueError(f"reference {reference!r} must be a module among the models")
     acc = {name: {"conf": [], "pred": [], "correct": [], "nll": [], "brier": [], "kl": [], "agree": []}
            for name in models}
+    groups = sorted(forward_groups(models), key=lambda g: g[1][0][0] != reference)  # the reference first
     for ids in tqdm(windows, desc="eval text", unit="window"):
         x, target = ids[None, :-1], ids[1:]
         ref_logp = None
-        for name in [reference, *[n for n in models if n != reference]]:
-            model = models[name]
-            logits = model(input_ids=x.to(next(model.parameters()).device), use_cache=False).logits[0].float().cpu()
-            logp = F.log_softmax(logits, dim=-1)
-            p = logp.exp()
-            conf, pred = p.max(-1)
-            a = acc[name]
-            a["conf"].append(conf)
-            a["pred"].append(pred)
-            a["correct"].append(pred == target)
-            a["nll"].append(-logp.gather(-1, target[:, None])[:, 0])
-            # multiclass Brier over the vocabulary: sum_c p_c^2 - 2 p_y + 1
-            a["brier"].append((p * p).sum(-1) - 2 * p.gather(-1, target[:, None])[:, 0] + 1)
-            if ref_logp is None:
-                ref_logp, ref_p, ref_pred = logp, p, pred
-            a["kl"].append((ref_p * (ref_logp - logp)).sum(-1))
-            a["agree"].append(pred == ref_pred)
+        for model, views in groups:
+            raw = model(input_ids=x.to(next(model.parameters()).device), use_cache=False).logits[0].float().cpu()
+            for name, temperature in views:
+                logp = F.log_softmax(raw / temperature, dim=-1)
+                p = logp.exp()
+                conf, pred = p.max(-1)
+                if ref_logp is None:
+                    ref_logp, ref_p, ref_pred = logp, p, pred
+                p_target = p.gather(-1, target[:, None])[:, 0]
+                for key, value in (("conf", conf), ("pred", pred), ("correct", pred == target),
+                                   ("nll", -logp.gather(-1, target[:, None])[:, 0]),
+                                   # multiclass Brier over the vocabulary: sum_c p_c^2 - 2 p_y + 1
+                                   ("brier", (p * p).sum(-1) - 2 * p_target + 1),
+                                   ("kl", (ref_p * (ref_logp - logp)).sum(-1)), ("agree", pred == ref_pred)):
+                    acc[name][key].append(value)
     cluster = np.repeat(np.arange(len(windows)), [len(w) - 1 for w in windows])
     out = {}
     for name, a in acc.items():
@@ -201,7 +204,7 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase, chat_template: bool) ->
 
 
 @torch.inference_mode()
-def _mmlu_eval(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
+def _mmlu_eval(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
                cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
     """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
     batch from rank (the other rows stay 0), so processes share the work with the same batches."""
@@ -219,14 +222,16 @@ def _mmlu_eval(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,
         for row, i in enumerate(batch):  # left padding: the answer position is the last column
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        for name, model in models.items():
+        for model, views in forward_groups(models):
             dev = next(model.parameters()).device
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
-            probs[name][batch] = out.logits[:, -1, letters].float().softmax(-1).cpu().numpy()
+            z = out.logits[:, -1, letters].float().cpu()
+            for name, temperature in views:
+                probs[name][batch] = (z / temperature).softmax(-1).numpy()
     return probs
 
 
-def collect_mmlu(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
+def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
                  cfg: MMLUConfig) -> dict[str, Predictions]:
     """Per-item predictions of every model on `items` (letter probabilities renormalized over A-D)."""
     return mmlu_predictions(_mmlu_eval(models, tokenizer, items, cfg), items)
@@ -309,7 +314,7 @@ def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, refe
 # The stage's verb
 # ----------------------------------------------------------------------------------------------
 
-def evaluate(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
+def evaluate(models: Models, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
              reference: str) -> dict[str, ModelEval]:
     """Evaluate every model on the same held-out data; KL, agreement and the paired changes are against
     `reference`. Every metric comes with a bootstrap interval (see `reduce`)."""

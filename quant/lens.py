@@ -27,6 +27,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from quant import metrics  # noqa: E402
 from quant.cache import CalqError, atomic_path  # noqa: E402
+from quant.recalibrate import Models, forward_groups  # noqa: E402
 from quant.schema import StrictModel  # noqa: E402
 
 COLUMNS = ("accuracy", "mean_confidence", "ece", "mce")
@@ -95,34 +96,38 @@ def _final_norm(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def _layer_predictions(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(confidence, predicted token) per layer and position: (L + 1, T) each."""
+def _layer_predictions(model: nn.Module, ids: Tensor, temperatures: list[float]) -> list[tuple[Tensor, Tensor]]:
+    """(confidence, predicted token) per layer and position, (L + 1, T) each, for each temperature."""
     dev = next(model.parameters()).device
     hidden = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False).hidden_states
     norm, head = _final_norm(model), model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
-    conf, pred = [], []
+    out = [([], []) for _ in temperatures]
     for i, h in enumerate(hidden):
         # transformers returns the last entry already through the final norm (it is last_hidden_state)
         z = head(h[0] if i == len(hidden) - 1 else norm(h[0])).float()
         if cap is not None:
             z = torch.tanh(z / cap) * cap
-        c, p = F.log_softmax(z, dim=-1).max(-1)
-        conf.append(c.exp().cpu())
-        pred.append(p.cpu())
-    return torch.stack(conf), torch.stack(pred)
+        for (conf, pred), temperature in zip(out, temperatures):
+            c, p = F.log_softmax(z / temperature, dim=-1).max(-1)
+            conf.append(c.exp().cpu())
+            pred.append(p.cpu())
+    return [(torch.stack(conf), torch.stack(pred)) for conf, pred in out]
 
 
-def layer_calibration(models: dict[str, nn.Module], windows: list[Tensor], n_bins: int = 15) -> LensResult:
-    """Logit-lens accuracy, mean confidence, ECE and MCE of every layer of every model on the same windows."""
+def layer_calibration(models: Models, windows: list[Tensor], n_bins: int = 15) -> LensResult:
+    """Logit-lens accuracy, mean confidence, ECE and MCE of every layer of every model on the same windows
+    (a `Tempered` model's layers read through its base model's pass: T scales every layer's logits alike)."""
+    conf: dict[str, list[Tensor]] = {name: [] for name in models}
+    correct: dict[str, list[Tensor]] = {name: [] for name in models}
+    for model, views in forward_groups(models):
+        for ids in tqdm(windows, desc=f"logit lens {views[0][0]}", unit="window"):
+            for (name, _), (c, p) in zip(views, _layer_predictions(model, ids[:-1], [t for _, t in views])):
+                conf[name].append(c)
+                correct[name].append(p == ids[1:])
     layers = {}
-    for name, model in models.items():
-        conf, correct = [], []
-        for ids in tqdm(windows, desc=f"logit lens {name}", unit="window"):
-            c, p = _layer_predictions(model, ids[:-1])
-            conf.append(c)
-            correct.append(p == ids[1:])
-        conf_all, correct_all = torch.cat(conf, 1).double().numpy(), torch.cat(correct, 1).numpy()
+    for name in models:
+        conf_all, correct_all = torch.cat(conf[name], 1).double().numpy(), torch.cat(correct[name], 1).numpy()
         layers[name] = [{"layer": i, "accuracy": float(k.mean()), "mean_confidence": float(c.mean()),
                          "ece": metrics.ece(c, k, n_bins), "mce": metrics.mce(c, k, n_bins)}
                         for i, (c, k) in enumerate(zip(conf_all, correct_all))]

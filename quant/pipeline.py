@@ -30,7 +30,7 @@ from quant.models import load_model
 from quant.plots import confidence_histogram, reliability_diagram
 from quant.methods import quantize_variant
 from quant.quantize import QuantizeResult
-from quant.recalibrate import SUFFIX, TemperatureFit, recalibrate
+from quant.recalibrate import SUFFIX, TemperatureFit, Tempered, recalibrate, reference_logits
 from quant.recipe import Recipe
 from quant.report import write_report
 from quant.sequential import calibrate_sequential
@@ -158,16 +158,21 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         variants = {spec.name: timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats, selection.token_ids)
                     for spec in recipe.quantize}
     fits: dict[str, TemperatureFit] = {}
-    shipped: dict[str, object] = {}  # re-calibrated copies: what is saved and gated (the raw variant is evaluated too)
+    # re-calibrated variants: what is saved and gated (the raw variant is evaluated too)
+    shipped: dict[str, Tempered] = {}
+    reference = None
+    if recipe.recalibrate is not None and recipe.recalibrate.method == "label_free":  # one fp pass for all variants
+        reference = timed("recalibrate_reference", reference_logits, model, selection.token_ids, recipe.recalibrate)
     for name, variant in variants.items():
         if recipe.recalibrate is None:
             save_quantized(variant, tokenizer, run_dir / "models" / name)
             continue
         fixed = timed(f"recalibrate_{name}", recalibrate, variant.model, selection.token_ids, recipe.recalibrate,
-                      model if recipe.recalibrate.method == "label_free" else None)
-        fits[name], shipped[name + SUFFIX] = fixed.fit, fixed.model
+                      reference)
+        fits[name], shipped[name + SUFFIX] = fixed.fit, Tempered(name, fixed.fit.temperature)
         save_quantized(replace(variant, model=fixed.model), tokenizer, run_dir / "models" / name,
                        {"calq_temperature": repr(fixed.fit.temperature)})
+    del reference
     models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}, **shipped}
     evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
     lens = None

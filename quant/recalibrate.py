@@ -56,6 +56,9 @@ def final_norm(model: nn.Module) -> nn.Module:
     if norm is None or getattr(norm, "weight", None) is None:
         raise CalqError(f"cannot fold a temperature into {type(model).__name__}: it has no model.norm with a weight; "
                         "set recalibrate: null for this model")
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise CalqError(f"cannot fold a temperature into {type(model).__name__}: its final logit soft-capping "
+                        "is not linear in the norm; set recalibrate: null for this model")
     return norm
 
 
@@ -66,25 +69,44 @@ def apply_temperature(model: nn.Module, temperature: float) -> None:
     fold_scales(norm, [], torch.full((norm.weight.numel(),), float(temperature)))
 
 
-@torch.inference_mode()
-def _collect(model: nn.Module, reference: nn.Module | None, samples: list[Tensor], cfg: RecalibrateConfig):
-    """Logits of `model` at sampled positions, plus the fit target: the next token, or the reference's
-    probabilities reduced to what the objective needs (p_ref . z and the agreement mask)."""
+def _fit_positions(samples: list[Tensor], cfg: RecalibrateConfig) -> list[tuple[Tensor, Tensor]]:
+    """(sample, sorted positions) pairs the fit reads: the same for every model given the same samples."""
     gen = torch.Generator().manual_seed(cfg.seed)
     samples = samples[::-(-len(samples) // cfg.max_samples)]  # ceil division: at most max_samples, spread out
     per_sample = max(cfg.positions // len(samples), 1)
-    logits, targets, agree = [], [], []
-    for ids in tqdm(samples, desc=f"fit temperature ({cfg.method})", unit="sample", leave=False):
-        pos = torch.randperm(len(ids) - 1, generator=gen)[:per_sample].sort().values
-        z = model(input_ids=ids[None, :-1], use_cache=False).logits[0, pos].float()
+    return [(ids, torch.randperm(len(ids) - 1, generator=gen)[:per_sample].sort().values) for ids in samples]
+
+
+@torch.inference_mode()
+def _logits_at(model: nn.Module, picks: list[tuple[Tensor, Tensor]], desc: str) -> list[Tensor]:
+    """float16 logits (positions, vocab) of `model` at each pick's positions (4096 x 49k vocab = 400 MB)."""
+    return [model(input_ids=ids[None, :-1], use_cache=False).logits[0, pos].half()
+            for ids, pos in tqdm(picks, desc=desc, unit="sample", leave=False)]
+
+
+def reference_logits(reference: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig) -> list[Tensor]:
+    """The full-precision model's logits at the fit positions: computed once, they serve the label-free fit
+    of every variant (`fit_temperature(..., reference=these)`)."""
+    return _logits_at(reference, _fit_positions(samples, cfg), "reference logits")
+
+
+def _collect(model: nn.Module, reference: list[Tensor] | None, samples: list[Tensor], cfg: RecalibrateConfig):
+    """Logits of `model` at the fit positions, plus the fit target: the next token, or the reference's
+    probabilities reduced to what the objective needs (p_ref . z and the agreement mask)."""
+    picks = _fit_positions(samples, cfg)
+    if reference is not None and [len(r) for r in reference] != [len(pos) for _, pos in picks]:
+        raise ValueError("the reference logits were computed on other samples or another recalibrate config; "
+                         "compute them with reference_logits on the same ones")
+    logits = _logits_at(model, picks, f"fit temperature ({cfg.method})")
+    targets, agree = [], []
+    for i, ((ids, pos), z) in enumerate(zip(picks, logits)):
         if reference is None:
             targets.append(ids[1:][pos])
             agree.append(torch.ones(len(pos), dtype=torch.bool))
         else:
-            p_ref = reference(input_ids=ids[None, :-1], use_cache=False).logits[0, pos].float().softmax(-1)
-            targets.append((p_ref * z).sum(-1))  # cross-entropy(p_ref, softmax(z/T)) = lse(z/T) - (p_ref.z)/T
+            p_ref = reference[i].float().softmax(-1)
+            targets.append((p_ref * z.float()).sum(-1))  # cross-entropy(p_ref, softmax(z/T)) = lse(z/T) - (p_ref.z)/T
             agree.append(p_ref.argmax(-1) == z.argmax(-1))
-        logits.append(z.half())  # 4096 positions x 49k vocab = 400 MB
     return torch.cat(logits), torch.cat(targets), torch.cat(agree)
 
 
@@ -100,11 +122,17 @@ def _objective(z: Tensor, target: Tensor, labelled: bool, temperature: float, ch
     return total / len(z)
 
 
+Reference = nn.Module | list[Tensor]
+"""The full-precision model, or its logits from `reference_logits` on the same samples and config."""
+
+
 def fit_temperature(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
-                    reference: nn.Module | None = None) -> TemperatureFit:
-    """Fit T on calibration samples. `reference` (the full-precision model) is required for label_free."""
+                    reference: Reference | None = None) -> TemperatureFit:
+    """Fit T on calibration samples. `reference` is required for label_free."""
     if (cfg.method == "label_free") != (reference is not None):
         raise ValueError("label_free re-calibration needs the full-precision reference model; labelled needs none")
+    if isinstance(reference, nn.Module):
+        reference = reference_logits(reference, samples, cfg)
     z, target, agree = _collect(model, reference, samples, cfg)
     z, target = z[agree], target[agree]
     if len(z) < 16:
@@ -129,6 +157,30 @@ def fit_temperature(model: nn.Module, samples: list[Tensor], cfg: RecalibrateCon
     return TemperatureFit(t, cfg.method, len(z), f(0.0), f(math.log(t)))
 
 
+@dataclass(frozen=True)
+class Tempered:
+    """Another model's logits divided by a temperature: what folding T into its final norm gives
+    (quant.recalibrate), evaluated from the base model's forward pass instead of a second one."""
+
+    base: str
+    temperature: float
+
+
+Models = dict[str, nn.Module | Tempered]
+"""Models to evaluate by name; a `Tempered` entry names another entry's module as its base."""
+
+
+def forward_groups(models: Models) -> list[tuple[nn.Module, list[tuple[str, float]]]]:
+    """One entry per module to run: the module and the (name, temperature) views read from its logits."""
+    views: dict[str, list[tuple[str, float]]] = {n: [(n, 1.0)] for n, m in models.items() if isinstance(m, nn.Module)}
+    for name, m in models.items():
+        if isinstance(m, Tempered):
+            if m.base not in views:
+                raise ValueError(f"{name!r} is tempered from {m.base!r}, which is not a module among the models")
+            views[m.base].append((name, m.temperature))
+    return [(models[base], v) for base, v in views.items()]
+
+
 @dataclass
 class Recalibrated:
     model: nn.Module
@@ -136,7 +188,7 @@ class Recalibrated:
 
 
 def recalibrate(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
-                reference: nn.Module | None = None) -> Recalibrated:
+                reference: Reference | None = None) -> Recalibrated:
     """A copy of `model` with the temperature fitted on `samples` folded in (the input is not modified)."""
     fit = fit_temperature(model, samples, cfg, reference)
     calibrated = copy.deepcopy(model)

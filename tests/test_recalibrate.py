@@ -5,8 +5,12 @@ import pytest
 import torch
 
 from quant import metrics
-from quant.evaluate import collect_text
-from quant.recalibrate import RecalibrateConfig, apply_temperature, fit_temperature, recalibrate
+from quant.cache import CalqError
+from quant.data import MCItem
+from quant.evaluate import MMLUConfig, collect_mmlu, collect_text
+from quant.lens import layer_calibration
+from quant.recalibrate import (RecalibrateConfig, Tempered, apply_temperature, fit_temperature, recalibrate,
+                               reference_logits)
 
 
 def sample_from(model, sequences: int = 24, length: int = 64, seed: int = 0) -> list[torch.Tensor]:
@@ -85,3 +89,50 @@ def test_label_free_recalibration_repairs_an_overconfident_model(moderate):
     ece = {name: metrics.ece(p.confidence, p.correct) for name, p in preds.items()}
     assert ece["over"] > 0.2 and ece["fixed"] < 0.06 and ece["fixed"] == pytest.approx(ece["fp"], abs=0.02)
     np.testing.assert_array_equal(preds["fixed"].prediction, preds["over"].prediction)  # T never changes top-1
+
+
+def test_tempered_view_evaluates_like_the_folded_checkpoint(moderate, tokenizer):
+    """A Tempered entry (read from its base model's pass) gives the metrics of the checkpoint with T folded in,
+    on text, MMLU letters and every layer of the logit lens."""
+    folded = copy.deepcopy(moderate)
+    apply_temperature(folded, 1.7)
+    models = {"fp": moderate, "folded": folded, "view": Tempered("fp", 1.7)}
+    text = collect_text(models, sample_from(moderate, 4, 40), "fp")
+    np.testing.assert_array_equal(text["view"].prediction, text["folded"].prediction)
+    np.testing.assert_allclose(text["view"].confidence, text["folded"].confidence, rtol=1e-4, atol=1e-6)
+    for key in ("nll", "brier", "kl_to_reference"):
+        np.testing.assert_allclose(text["view"].values[key], text["folded"].values[key], rtol=1e-4, atol=1e-5)
+    assert text["view"].values["kl_to_reference"].mean() > 0.01  # T = 1.7 does move the distribution
+    items = [MCItem(str(i), "s", f"question {i}?", ("alpha", "beta", "gamma", "delta"), i % 4) for i in range(6)]
+    mmlu = collect_mmlu(models, tokenizer, items, MMLUConfig(batch_size=4))
+    np.testing.assert_allclose(mmlu["view"].confidence, mmlu["folded"].confidence, rtol=1e-4, atol=1e-6)
+    lens = layer_calibration(models, sample_from(moderate, 2, 40, seed=3), n_bins=10).layers
+    for view_row, folded_row in zip(lens["view"], lens["folded"]):
+        assert view_row == pytest.approx(folded_row, abs=1e-5)
+    assert lens["view"][-1]["mean_confidence"] < lens["fp"][-1]["mean_confidence"] - 0.01
+
+
+def test_tempered_view_needs_a_module_as_base(tiny_model):
+    with pytest.raises(ValueError, match="'t' is tempered from 'missing'"):
+        collect_text({"fp": tiny_model, "t": Tempered("missing", 2.0)}, [torch.arange(10)], "fp")
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_reference_logits_are_computed_once_for_many_fits(peaked, sampled_text):
+    """Precomputed reference logits give the fit that the reference model gives, and are refused for other
+    samples (whose positions differ)."""
+    cfg = RecalibrateConfig(method="label_free", positions=512)
+    overconfident = copy.deepcopy(peaked)
+    apply_temperature(overconfident, 0.5)
+    cached = reference_logits(peaked, sampled_text, cfg)
+    assert fit_temperature(overconfident, sampled_text, cfg, cached) == fit_temperature(
+        overconfident, sampled_text, cfg, peaked)
+    with pytest.raises(ValueError, match="other samples or another recalibrate config"):
+        fit_temperature(overconfident, sampled_text[:5], cfg, cached)
+
+
+@pytest.mark.parametrize("family", ["gemma3"])
+def test_soft_capped_logits_refuse_a_folded_temperature(tiny_model):
+    tiny_model.config.final_logit_softcapping = 30.0
+    with pytest.raises(CalqError, match="soft-capping is not linear"):
+        apply_temperature(tiny_model, 2.0)
