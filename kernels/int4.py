@@ -119,7 +119,7 @@ _DECODE_CONFIGS = [
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _int4_matmul_kernel(
-    x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, M_BUCKET, group_size,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -130,16 +130,20 @@ def _int4_matmul_kernel(
     w_ptr: int32 (N, ceil(K / 8)) packed as pack_int4; scales (N, G) float, zeros (N, G) uint8, bias (N,) float or
     None. group_size is a multiple of BLOCK_K, so each K tile lies in one group: the tile dot runs on the exact
     integers q - zero (in x's dtype) and the group scale multiplies its fp32 result.
-    Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K): program (pid, s) sums K tiles s, s + SPLIT_K, ...; with
-    SPLIT_K > 1, out is float32, zero-filled, and each program atomically adds its partial sum (bias from s = 0).
+    Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K): program (tile, s) sums K tiles s, s + SPLIT_K, ...
+    With SPLIT_K > 1 (serial split-K, as in Marlin) each program stores its float32 sum to partial (SPLIT_K, M, N)
+    and counts itself in counter_ptr[tile], int32 zeros on entry; the tile's last program adds the SPLIT_K sums in
+    split order (deterministic), adds the bias, stores out and sets the counter back to 0, all in this one launch.
     M_BUCKET is only the autotuning key.
     """
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile = tl.program_id(0)
+    pid_m, pid_n = tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
     shifts = tl.arange(0, 8) * 4
     num_words = tl.cdiv(K, 8)
 
@@ -165,22 +169,39 @@ def _int4_matmul_kernel(
         w = (q.to(tl.float32) - zero.to(tl.float32)[None, :]).to(x.dtype)
         acc += tl.dot(x, w) * scale.to(tl.float32)[None, :]
 
-    if bias_ptr is not None:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n & (pid_k == 0), other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+    last = True
+    if SPLIT_K > 1:
+        mn = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partial_ptr + pid_k * M * N + mn, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial store comes before the release below
+        last = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # .cg: read from L2, where the other programs' stores are
+                acc += tl.load(partial_ptr + s * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter_ptr + tile, 0)
+    if last:
+        if bias_ptr is not None:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "group_size"]
 _int4_gemm = triton.autotune(autotune_configs(_GEMM_CONFIGS), key=_AUTOTUNE_KEY)(_int4_matmul_kernel)
-_int4_decode = triton.autotune(autotune_configs(_DECODE_CONFIGS), key=_AUTOTUNE_KEY, reset_to_zero=["out_ptr"])(
-    _int4_matmul_kernel
-)
+_int4_decode = triton.autotune(autotune_configs(_DECODE_CONFIGS), key=_AUTOTUNE_KEY)(_int4_matmul_kernel)
+_MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _DECODE_CONFIGS)
+_MIN_TILE = (min(c.kwargs["BLOCK_M"] for c in _DECODE_CONFIGS), min(c.kwargs["BLOCK_N"] for c in _DECODE_CONFIGS))
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's int32 tile counters of the split-K reduction: zeros, and left zero by every launch, so they
+    are allocated (and zeroed) once per device, not per call. Like Marlin's workspace, one stream at a time."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = _counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def _int4_linear_triton(
@@ -191,7 +212,7 @@ def _int4_linear_triton(
     group_size: int,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """int4_linear on the Triton kernel: split-K for at most 16 rows (decode), tiled GEMM above."""
+    """int4_linear on the Triton kernel, one launch: split-K for at most 16 rows (decode), tiled GEMM above."""
     n, k = _check_int4_args(x, qweight, scales, zeros, group_size, bias)
     check_triton_inputs("int4_linear", x, {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias})
     if group_size % 16:
@@ -200,20 +221,25 @@ def _int4_linear_triton(
         )
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    decode = m <= _DECODE_MAX_M
-    out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if decode else x.new_empty((m, n))
+    out = x.new_empty((m, n))
     if out.numel():
-        kernel = _int4_decode if decode else _int4_gemm
+        partial = counters = None
+        if m <= _DECODE_MAX_M:  # split-K: sized for the config autotuning may pick
+            kernel = _int4_decode
+            partial = torch.empty((_MAX_SPLIT_K, m, n), device=x.device, dtype=torch.float32)
+            counters = split_k_counters(x.device, triton.cdiv(m, _MIN_TILE[0]) * triton.cdiv(n, _MIN_TILE[1]))
+        else:
+            kernel = _int4_gemm
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         with device_context(x):
             kernel[grid](
-                x2, qweight, scales, zeros, bias, out,
+                x2, qweight, scales, zeros, bias, out, partial, counters,
                 m, n, k, m_bucket(m), group_size,
                 *x2.stride(), *qweight.stride(), *scales.stride(), *zeros.stride(), *out.stride(),
                 BLOCK_K=min(group_size & -group_size, 128),  # largest power of two dividing group_size
                 GROUP_M=8,
             )  # fmt: skip
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    return out.view(*x.shape[:-1], n)
 
 
 _int4_linear_op = torch.library.custom_op("calq::int4_linear", _int4_linear_triton, mutates_args=())

@@ -26,10 +26,10 @@ def compile_kernel(fn, pointers, constexprs, num_warps, num_stages=3):
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
-for x, configs, out in (("*fp16", int4._DECODE_CONFIGS, "*fp32"), ("*bf16", int4._GEMM_CONFIGS, "*bf16")):
-    config = configs[-1]
+for x, configs in (("*fp16", int4._DECODE_CONFIGS), ("*bf16", int4._GEMM_CONFIGS)):
+    config = configs[-1]  # decode: SPLIT_K 8, the serial split-K reduction; GEMM: SPLIT_K 1
     pointers = {"x_ptr": x, "w_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "bias_ptr": "*fp16",
-                "out_ptr": out}
+                "out_ptr": x, "partial_ptr": "*fp32", "counter_ptr": "*i32"}
     constexprs = {**config.kwargs, "BLOCK_K": 128, "GROUP_M": 8}
     compile_kernel(int4._int4_matmul_kernel, pointers, constexprs, config.num_warps, config.num_stages)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import int4_linear, int4_linear_ref, pack_int4, unpack_int4
-from kernels.int4 import _int4_linear_op, _int4_linear_triton
+from kernels.int4 import _DECODE_CONFIGS, _int4_linear_op, _int4_linear_triton, split_k_counters
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -81,6 +81,19 @@ def test_triton_batched_strided_input_and_half_scales():
     ref = int4_linear_ref(x.double(), qweight, scales.half(), zeros, group_size)
     assert out.shape == (2, 3, n)
     assert rel_err(out, ref) < 1e-2
+
+
+def test_split_k_reduction_sets_its_counters_back_to_zero():
+    """The decode path sums its split-K partials in one launch, counting finished programs per tile in counters
+    that must be zero when the next launch starts: each launch leaves them so, also across shapes."""
+    assert _DECODE_CONFIGS[0].kwargs["SPLIT_K"] > 1  # the config the interpreter runs
+    for m, n, k in ((1, 33, 70), (16, 5, 256), (3, 70, 40)):
+        qweight, scales, zeros = random_int4(n, k, 16, seed=n)
+        x = torch.randn(m, k, dtype=torch.float16)
+        for _ in range(2):
+            out = _int4_linear_triton(x, qweight, scales, zeros, 16)
+            assert rel_err(out, int4_linear_ref(x.double(), qweight, scales, zeros, 16)) < 1e-2
+            assert split_k_counters(x.device, 1).count_nonzero() == 0
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
