@@ -15,13 +15,13 @@ from quant.models import ModelConfig, load_model
 from quant.pipeline import RunResult, run
 from quant.methods import QuantSpec, quantize_variant
 from quant.quantize import ActScheme, QuantizeResult, QuantLinear, WeightScheme, quantize
-from quant.recalibrate import RecalibrateConfig, recalibrate
+from quant.recalibrate import RecalibrateConfig, Tempered, recalibrate
 from quant.recipe import Recipe, load_recipe
 from quant.stats import ActivationStats, collect_stats
 
 __all__ = [
-    "ActScheme", "ActivationStats", "CalqError", "EvalConfig", "GateReport", "GateRule", "ModelConfig", "ModelEval",
-    "QuantLinear", "QuantSpec", "QuantizeResult", "RecalibrateConfig", "Recipe", "RunResult", "SelectConfig", "Selection",
-    "WeightScheme", "check_gates", "collect_stats", "evaluate", "load", "load_model", "load_recipe", "quantize", "run",
-    "quantize_variant", "recalibrate", "select_samples",
+    "ActScheme", "ActivationStats", "CalqError", "EvalConfig", "GateReport", "GateRule", "ModelConfig",
+    "ModelEval", "QuantLinear", "QuantSpec", "QuantizeResult", "RecalibrateConfig", "Recipe", "RunResult",
+    "SelectConfig", "Selection", "Tempered", "WeightScheme", "check_gates", "collect_stats", "evaluate", "load",
+    "load_model", "load_recipe", "quantize", "run", "quantize_variant", "recalibrate", "select_samples",
 ]

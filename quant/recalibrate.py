@@ -36,7 +36,8 @@ class RecalibrateConfig(StrictModel):
     """Token positions sampled from the calibration samples for the fit (logits are kept for these)."""
     max_samples: int = Field(64, ge=1)
     """Calibration samples the positions come from (evenly spaced over the selection): each costs a forward
-    pass of the model (and of the reference, label_free), so fewer samples with more positions each."""
+    pass of the model (label_free: and of the reference, once for all variants), so fewer samples with more
+    positions each."""
     seed: int = 0
 
 

@@ -15,9 +15,11 @@ calibration: {sources: [wikipedia, news, reviews], num_samples: 24, seq_len: 256
 quantize:
   - {name: w8a8, weights: {bits: 8, group_size: null, symmetric: true}, activations: {mode: dynamic}}
   - {name: w4a16-g128, weights: {bits: 4, group_size: 128, symmetric: false}}
+recalibrate: {method: label_free, positions: 1024, max_samples: 8}
 evaluation:
   text: {sources: [wikipedia], windows: 6, seq_len: 512}
   mmlu: {per_subject: 1, chat_template: true}
+  logit_lens: {windows: 1, seq_len: 128}
 gates:
   - {metric: text.perplexity, max_ratio: 1.05}
   - {metric: text.ece, max_increase: 0.02}
@@ -42,13 +44,24 @@ def test_default_model_end_to_end(tmp_path, capsys):
     assert ev["w4a16-g128"]["layers_quantized"] == 30 * 7  # ragged group 128 on 576-wide inputs too
     assert ev["w4a16-g128"]["size_mb"] < 0.6 * ev["fp"]["size_mb"]
     assert sum(ev["fp"]["answer_distribution"].values()) == 57
-    assert sum(report["calibration"]["per_source"].values()) == 24
-    assert len(report["calibration"]["per_source"]) == 3
-    for name in ["report.md", "gate.json", "calibration/manifest.json", "stats/stats.safetensors",
-                 "models/w4a16-g128/model.safetensors", "models/w8a8/model.safetensors"]:
-        assert (run_dir / name).exists(), name
     gate = json.loads((run_dir / "gate.json").read_text())
     assert gate["passed"] is False or all(r["passed"] for r in gate["results"])
+    assert sum(report["calibration"]["per_source"].values()) == 24
+    assert len(report["calibration"]["per_source"]) == 3
+    # label-free re-calibration: T near 1 (quantization barely moves confidence on this model), top-1 unchanged
+    for name in ("w8a8", "w4a16-g128"):
+        fitted = ev[name + "+T"]
+        assert fitted["temperature"] == report["recalibration"][name]["temperature"]
+        assert 0.8 < fitted["temperature"] < 1.25
+        assert fitted["text"]["accuracy"] == ev[name]["text"]["accuracy"]
+        assert abs(fitted["text"]["ece"] - fp["ece"]) < 0.02
+    assert {r["variant"] for r in gate["results"]} == {"w8a8+T", "w4a16-g128+T"}
+    lens = report["logit_lens"]["layers"]
+    assert set(lens) == set(ev) and len(lens["fp"]) == 31  # embeddings + 30 decoder layers
+    assert lens["fp"][-1]["accuracy"] > lens["fp"][10]["accuracy"]
+    for name in ["report.md", "gate.json", "layerwise.png", "calibration/manifest.json", "stats/stats.safetensors",
+                 "models/w4a16-g128/model.safetensors", "models/w8a8/model.safetensors"]:
+        assert (run_dir / name).exists(), name
     assert main(["gate", str(run_dir)]) == (0 if gate["passed"] else 1)
 
     # a rerun resumes from the cached selection and statistics (their files are not rewritten)
