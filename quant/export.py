@@ -267,6 +267,27 @@ def _gguf_blocks(name: str, q: QuantLinear) -> tuple[np.ndarray, object]:
     return np.concatenate(parts, axis=-1).reshape(n, -1), qtype
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def gguf_pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre, see its llama-vocab.cpp) for the tokenizer's pre-tokenizer: it picks
+    the regex llama.cpp splits text with before BPE, so a wrong name tokenizes prompts differently."""
+    pre = json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"] or {"type": "none"}
+    steps = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+    shape = [step["type"] for step in steps]
+    if shape == ["ByteLevel"] and steps[0]["use_regex"]:
+        return "gpt-2"
+    if shape == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and steps[1]["use_regex"]:
+        return "smollm"
+    if (shape == ["Split", "ByteLevel"] and steps[0]["pattern"].get("Regex") == LLAMA3_SPLIT
+            and not steps[1]["use_regex"]):
+        return "llama-bpe"
+    raise CalqError(f"GGUF export knows no llama.cpp pre-tokenizer for this tokenizer's {' + '.join(shape)}; "
+                    "export to compressed-tensors instead, or convert with llama.cpp's convert_hf_to_gguf.py")
+
+
 def _gguf_vocab(writer, tokenizer, directory: Path) -> None:
     import gguf
 
@@ -282,7 +303,7 @@ def _gguf_vocab(writer, tokenizer, directory: Path) -> None:
         raise CalqError(f"tokenizer ids are not contiguous ({len(vocab)} tokens, {len(tokens)} ids); "
                         "GGUF needs one token per id")
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(directory, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
