@@ -15,6 +15,7 @@ output head swapped for a wrapper calling int4_linear (w4a16) or int8_linear (w8
 
     python benchmarks/bench_kernels.py --out runs/bench_kernels.csv
     python benchmarks/bench_kernels.py --e2e --model /path/to/llama --new-tokens 128 [--static-cache]
+    python benchmarks/bench_kernels.py --e2e --model benchmarks/smollm2-135m   # the default model's shape
 """
 
 import argparse
@@ -199,42 +200,59 @@ def swap_linears(model: nn.Module, variant: str) -> int:
     return swapped
 
 
-def decode_tokens_per_s(model, tokenizer, prompt: str, new_tokens: int, static_cache: bool) -> tuple[float, str]:
+def decode_tokens_per_s(model, input_ids: torch.Tensor, new_tokens: int, static_cache: bool) -> tuple[float, list]:
     """Greedy decode speed: (new_tokens - 1) / (time to generate new_tokens - time to generate 1), so the prompt's
-    prefill cancels out. Returns it with the generated text. static_cache: a static KV cache, with which
+    prefill cancels out. Returns it with the generated ids. static_cache: a static KV cache, with which
     transformers compiles the decode step (torch.compile, CUDA graphs), taking per-kernel launch overhead out of
     what is timed, as gpt-fast measures; the kernels run through their torch.library custom ops."""
-    inputs = tokenizer(prompt, return_tensors="pt").to("cuda")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache = {"cache_implementation": "static"} if static_cache else {}
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
 
     def generate(count: int) -> tuple[float, torch.Tensor]:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=pad,
-                             **cache)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=count,
+                             min_new_tokens=count, do_sample=False, pad_token_id=pad, **cache)
         torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
     generate(4)  # warm up: CUDA context, Triton autotuning for the prompt length and for M = 1, compilation
     one, _ = generate(1)
     total, out = generate(new_tokens)
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return (new_tokens - 1) / (total - one), text
+    return (new_tokens - 1) / (total - one), out[0, input_ids.shape[1]:].tolist()
+
+
+def load_e2e_model(model_dir: Path):
+    """--model in float16 on the GPU. A directory with a config.json and no weights gets random ones (seeded):
+    decode speed does not depend on weight values, and the GPU machine may have no copy of the weights
+    (benchmarks/smollm2-135m holds the default model's config for that)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin")):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16)
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float16)
+    return model.cuda().eval()
 
 
 def run_e2e(args) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model) if (args.model / "tokenizer.json").exists() else None
+    if tokenizer is not None:
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.cuda()
+    else:
+        input_ids = torch.arange(1, 17, device="cuda")[None]  # no tokenizer: 16 fixed prompt ids
     results = {}
     for variant in ("fp16", "w4a16", "w8a8"):
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16).cuda().eval()
+        model = load_e2e_model(args.model)
         swapped = swap_linears(model, variant) if variant != "fp16" else 0
         with torch.inference_mode():
-            tokens_per_s, text = decode_tokens_per_s(model, tokenizer, args.prompt, args.new_tokens, args.static_cache)
+            tokens_per_s, ids = decode_tokens_per_s(model, input_ids, args.new_tokens, args.static_cache)
         results[variant] = tokens_per_s
         memory = torch.cuda.memory_allocated() / 2**30
+        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else str(ids[:12])
         print(
             f"{variant:<6} {tokens_per_s:8.1f} tokens/s  {tokens_per_s / results['fp16']:5.2f}x  "
             f"{swapped:4d} linears swapped  {memory:6.2f} GiB allocated  | {text[:80]!r}"
@@ -253,7 +271,8 @@ def main() -> None:
         "--peak-gbps", type=float, default=None, help="peak memory bandwidth in GB/s (e.g. 3350 for H100 SXM)"
     )
     parser.add_argument("--e2e", action="store_true", help="measure decode tokens/s of --model instead")
-    parser.add_argument("--model", type=str, default=None, help="local Hugging Face causal LM directory (--e2e)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="local Hugging Face causal LM directory (--e2e); config.json alone: random weights")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per measurement (--e2e)")
     parser.add_argument("--prompt", type=str, default="The history of the printing press begins", help="--e2e prompt")
     parser.add_argument("--static-cache", action="store_true",
