@@ -1,4 +1,4 @@
-"""`calq compare`: min-max, SmoothQuant and AWQ on the same samples, statistics and evaluation data.
+"""`calq compare`: min-max, SmoothQuant, AWQ and GPTQ on the same samples, statistics and evaluation data.
 
 Runs the recipe's model, calibration and evaluation with a fixed set of variants and writes one table
 (compare.md, compare.csv) and a plot (compare.png) next to the usual report.
@@ -30,7 +30,7 @@ COMPARISON = (
         QuantSpec(name=f"w8a8-{mode}-smoothquant", method="smoothquant", weights=W8, activations=ActScheme(mode=mode),
                   smoothquant=SQ))),
     *(QuantSpec(name=f"w4a16-g{g}-{m}", method=m, weights=WeightScheme(bits=4, group_size=g))
-      for g in (128, 32) for m in ("minmax", "awq")),
+      for g in (128, 32) for m in ("minmax", "awq", "gptq")),
 )
 
 COLUMNS = (

@@ -61,6 +61,11 @@ def _grouped(w: Tensor, group_size: int | None) -> Tensor:
     return w.reshape(n, -1, gs)
 
 
+def code_range(scheme: WeightScheme) -> tuple[int, int]:
+    """Smallest and largest code: [0, 2^bits - 1] for int4, [-127, 127] for int8."""
+    return (-127, 127) if scheme.bits == 8 else (0, 2**scheme.bits - 1)
+
+
 def quantize_weight(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Min-max codes (N, K) and per-group scales and zero points (N, G), codes in [0, 2^bits - 1]
     (int4) or [-127, 127] (int8), all as float.
@@ -70,6 +75,7 @@ def quantize_weight(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0)
     n, k = w.shape
     g = _grouped(w.float(), scheme.group_size)
     qmax = 2**scheme.bits - 1
+    lo_code, hi_code = code_range(scheme)
     if scheme.symmetric:
         absmax = g.abs().amax(-1) * clip
         scale = absmax.clamp(min=1e-8) / ((qmax + 1) / 2 if scheme.bits == 4 else 127)
@@ -79,7 +85,6 @@ def quantize_weight(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0)
         hi = g.amax(-1).clamp(min=0) * clip
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
         zero = (-lo / scale).round().clamp(0, qmax)
-    lo_code, hi_code = (-127, 127) if scheme.bits == 8 else (0, qmax)
     q = (g / scale[..., None] + zero[..., None]).round_().clamp_(lo_code, hi_code)
     return q.reshape(n, -1)[:, :k], scale, zero
 
@@ -88,6 +93,22 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor, group_size: int | N
     n, k = q.shape
     g = _grouped(q.float(), group_size)
     return ((g - zero[..., None]) * scale[..., None]).reshape(n, -1)[:, :k]
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A weight a method quantized itself (GPTQ): codes (N, K) and per-group scales and zero points (N, G), as
+    quantize_weight returns them. The quantizer stores these instead of rounding the float weight."""
+
+    q: Tensor
+    scale: Tensor
+    zero: Tensor
+
+    def rows(self, start: int, end: int) -> Codes:
+        return Codes(self.q[start:end], self.scale[start:end], self.zero[start:end])
+
+    def dequantize(self, group_size: int | None) -> Tensor:
+        return dequantize_codes(self.q, self.scale, self.zero, group_size)
 
 
 def fake_quantize(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0) -> Tensor:
@@ -126,10 +147,13 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: WeightScheme,
                     act_mode: Literal["dynamic", "static"] | None = None,
-                    act_absmax: Tensor | None = None) -> QuantLinear:
+                    act_absmax: Tensor | None = None, codes: Codes | None = None) -> QuantLinear:
+        """Round the linear's weight (min-max), or store `codes` a method chose for it."""
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, scheme, act_mode, linear.bias is not None, w.dtype)
-        q, scale, zero = quantize_weight(w, scheme)
+        if codes is not None and codes.q.shape != w.shape:
+            raise ValueError(f"codes of shape {tuple(codes.q.shape)} for a weight of shape {tuple(w.shape)}")
+        q, scale, zero = (codes.q, codes.scale, codes.zero) if codes is not None else quantize_weight(w, scheme)
         if scheme.bits == 4:
             mod.qweight.copy_(kernels.pack_int4(q.to(torch.uint8)))
             mod.scales.copy_(scale.to(w.dtype))
@@ -183,8 +207,11 @@ def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
-def quantize(model: nn.Module, spec: QuantSpec, stats: ActivationStats | None = None) -> QuantizeResult:
-    """Return a quantized deep copy of `model` (the input model is never modified)."""
+def quantize(model: nn.Module, spec: QuantSpec, stats: ActivationStats | None = None,
+             codes: dict[str, Codes] | None = None) -> QuantizeResult:
+    """Return a quantized deep copy of `model` (the input model is never modified). Linears named in `codes`
+    store those (a method such as GPTQ chose them); the others are rounded min-max."""
+    codes = codes or {}
     if spec.activations is not None and spec.activations.mode == "static" and stats is None:
         raise ValueError(f"variant {spec.name!r} uses static activation scales: collect activation statistics first")
     qmodel = copy.deepcopy(model)
@@ -198,6 +225,6 @@ def quantize(model: nn.Module, spec: QuantSpec, stats: ActivationStats | None = 
         absmax = stats.layers[name].absmax if act_mode == "static" else None
         parent_name, _, child = name.rpartition(".")
         qmodel.get_submodule(parent_name).register_module(
-            child, QuantLinear.from_linear(linear, spec.weights, act_mode, absmax))
+            child, QuantLinear.from_linear(linear, spec.weights, act_mode, absmax, codes.get(name)))
         result.quantized.append(name)
     return result

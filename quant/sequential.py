@@ -281,6 +281,9 @@ def calibrate_sequential(source: ModelConfig, samples: list[Tensor], specs: list
     """
     if not samples:
         raise CalqError("no calibration samples for sequential calibration; select samples first")
+    unsupported = [f"{spec.name} ({spec.method})" for spec in specs if spec.method not in LAYER_TRANSFORMS]
+    if unsupported:
+        raise CalqError(f"sequential calibration cannot run {', '.join(unsupported)} yet; set sequential: null")
     path = Path(resolve_model_path(source.source))
     if not path.is_dir():
         raise CalqError(f"sequential calibration needs a local checkpoint directory, got {source.source!r}; "

@@ -13,7 +13,7 @@ def _entry(method, ppl, seconds):
 
 def test_comparison_covers_every_method_and_scheme():
     names = {s.name: s for s in COMPARISON}
-    assert {s.method for s in COMPARISON} == {"minmax", "smoothquant", "awq"}
+    assert {s.method for s in COMPARISON} == {"minmax", "smoothquant", "awq", "gptq"}
     assert {s.weights.group_size for s in COMPARISON if s.weights.bits == 4} == {128, 32}
     assert {s.activations.mode for s in COMPARISON if s.activations} == {"dynamic", "static"}
     assert names["w4a16-g128-awq"].weights == names["w4a16-g128-minmax"].weights
