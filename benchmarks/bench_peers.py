@@ -2,15 +2,17 @@
 
 Peers (each optional: skipped with a note when it does not import or fails):
     llmc-awq          llm-compressor 0.14 AWQModifier + W4A16_ASYM (group 128), its own fake quantization
+    llmc-gptq         llm-compressor GPTQModifier, W4A16 asymmetric, its defaults (damping 0.01, static act order)
     llmc-sq-dynamic   llm-compressor SmoothQuantModifier(0.8) + W8A8 (per-channel int8 weights, per-token int8 acts)
     llmc-sq-static    the same with one static per-tensor activation scale (the case SmoothQuant exists for)
     autoawq           AutoAWQ 0.2.9's scale + clip search (export_compatible: float weights with its scales
                       applied), then OUR min-max quantizer, so only the search differs from ours
 
-AWQ: every AWQ search (ours, llm-compressor's, AutoAWQ's) sees the same token subset our AWQ uses
-(AWQConfig.max_tokens of the selected samples). SmoothQuant: llm-compressor calibrates on all selected samples,
-the same ones our statistics come from. Times are wall-clock seconds on this machine, measured in this run; the
-table prints our/peer ratios. The peers need their own virtual environment (they pin other packages):
+AWQ and GPTQ: every search (ours, llm-compressor's, AutoAWQ's) sees the same token subset ours use
+(AWQConfig.max_tokens = GPTQConfig.max_tokens of the selected samples). SmoothQuant: llm-compressor calibrates
+on all selected samples, the same ones our statistics come from. Times are wall-clock seconds on this machine,
+measured in this run; the table prints our/peer ratios. The peers need their own virtual environment (they pin
+other packages):
 
     make peers-venv        # creates .venv-peers with llmcompressor==0.14.0.1 and autoawq==0.2.9 beside calq
     .venv-peers/bin/python benchmarks/bench_peers.py recipes/default.yaml --out runs/peers
@@ -48,7 +50,7 @@ def ours(group_size: int) -> dict[str, QuantSpec]:
     it to divide every layer's input width; ours allows a ragged last group)."""
     specs = {s.name: s for s in COMPARISON if s.name in W8_OURS}
     for s in COMPARISON:
-        if s.name in ("w4a16-g128-minmax", "w4a16-g128-awq"):
+        if s.name in ("w4a16-g128-minmax", "w4a16-g128-awq", "w4a16-g128-gptq"):
             name = s.name.replace("g128", f"g{group_size}")
             specs[name] = s.model_copy(update={"name": name, "weights": s.weights.model_copy(
                 update={"group_size": group_size})})
@@ -58,32 +60,51 @@ def ours(group_size: int) -> dict[str, QuantSpec]:
 QUALITY = ("perplexity", "ppl_increase_pct", "kl_to_fp", "token_ece", "mmlu_accuracy", "mmlu_ece")
 
 
-def _llmc(model: nn.Module, samples: list[Tensor], smoothing, scheme) -> nn.Module:
+def _llmc(model: nn.Module, samples: list[Tensor], recipe: list) -> nn.Module:
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.pipelines.cache import IntermediatesCache
 
     # pinning needs an accelerator; on a CPU-only machine it raises, and a no-op loses nothing
     IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
-    quant = (QuantizationModifier(ignore=["lm_head"], scheme=scheme, targets=["Linear"]) if isinstance(scheme, str)
-             else QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": scheme}))
     ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
                             "attention_mask": [[1] * len(s) for s in samples]})
     m = copy.deepcopy(model)
-    oneshot(model=m, dataset=ds, recipe=[smoothing, quant], num_calibration_samples=len(samples),
+    oneshot(model=m, dataset=ds, recipe=recipe, num_calibration_samples=len(samples),
             max_seq_length=max(len(s) for s in samples), shuffle_calibration_samples=False)
     return m
 
 
+def _quantization(scheme, modifier=None):
+    """llm-compressor's quantization modifier (or `modifier`, e.g. GPTQModifier) for a preset name or a scheme."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    modifier = modifier or QuantizationModifier
+    if isinstance(scheme, str):
+        return modifier(ignore=["lm_head"], scheme=scheme, targets=["Linear"])
+    return modifier(ignore=["lm_head"], config_groups={"group_0": scheme})
+
+
+def _w4(group_size: int):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, strategy="group", group_size=group_size, symmetric=False))
+
+
 def llmc_awq(group_size: int):
     def run(model, samples, awq_samples, stats):
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-            num_bits=4, strategy="group", group_size=group_size, symmetric=False))
-        return _llmc(model, awq_samples, AWQModifier(), scheme)
+        return _llmc(model, awq_samples, [AWQModifier(), _quantization(_w4(group_size))])
+    return run
+
+
+def llmc_gptq(group_size: int):
+    def run(model, samples, awq_samples, stats):
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        return _llmc(model, awq_samples, [_quantization(_w4(group_size), GPTQModifier)])
     return run
 
 
@@ -97,7 +118,7 @@ def llmc_sq(static: bool):
             scheme = QuantizationScheme(
                 targets=["Linear"], weights=QuantizationArgs(num_bits=8, strategy="channel", symmetric=True),
                 input_activations=QuantizationArgs(num_bits=8, strategy="tensor", symmetric=True, dynamic=False))
-        return _llmc(model, samples, SmoothQuantModifier(smoothing_strength=SQ.alpha), scheme)
+        return _llmc(model, samples, [SmoothQuantModifier(smoothing_strength=SQ.alpha), _quantization(scheme)])
     return run
 
 
@@ -114,7 +135,7 @@ def autoawq(source: str, minmax: QuantSpec):
     return run
 
 
-PEERS = ("llmc-awq", "autoawq", "llmc-sq-dynamic", "llmc-sq-static")
+PEERS = ("llmc-awq", "autoawq", "llmc-gptq", "llmc-sq-dynamic", "llmc-sq-static")
 
 
 def _quality(ev, fp_ppl: float) -> dict:
@@ -141,7 +162,7 @@ def main() -> None:
     g = args.group_size
     our_specs = ours(g)
     selected = [n for n in [*our_specs, *PEERS] if not args.only or n in args.only]
-    weight_only = all(n in ("llmc-awq", "autoawq") or our_specs[n].activations is None for n in selected)
+    weight_only = all(n in ("llmc-awq", "autoawq", "llmc-gptq") or our_specs[n].activations is None for n in selected)
     model, tokenizer = load_model(recipe.model)
     selection, stats = calibrate(recipe, model, tokenizer, args.out, with_stats=not weight_only)
     samples = selection.token_ids
@@ -152,9 +173,10 @@ def main() -> None:
     prior = json.loads(args.ours_from.read_text())["evaluation"] if args.ours_from else {}
     jobs = {**{n: (lambda m, s, a, st, spec=spec: quantize_variant(m, spec, st, s).model)
                for n, spec in our_specs.items()},
-            "llmc-awq": llmc_awq(g), "autoawq": autoawq(recipe.model.source, our_specs[f"w4a16-g{g}-minmax"]),
+            "llmc-awq": llmc_awq(g), "llmc-gptq": llmc_gptq(g),
+            "autoawq": autoawq(recipe.model.source, our_specs[f"w4a16-g{g}-minmax"]),
             "llmc-sq-dynamic": llmc_sq(False), "llmc-sq-static": llmc_sq(True)}
-    pairs = (("llmc-awq", f"w4a16-g{g}-awq"), ("autoawq", f"w4a16-g{g}-awq"),
+    pairs = (("llmc-awq", f"w4a16-g{g}-awq"), ("autoawq", f"w4a16-g{g}-awq"), ("llmc-gptq", f"w4a16-g{g}-gptq"),
              ("llmc-sq-dynamic", "w8a8-dynamic-smoothquant"), ("llmc-sq-static", "w8a8-static-smoothquant"))
     models, rows = {REFERENCE: model}, {REFERENCE: {"variant": REFERENCE}}
     for name, job in jobs.items():
