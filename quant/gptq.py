@@ -33,10 +33,17 @@ class GPTQConfig(StrictModel):
     """Added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned."""
     max_tokens: int = Field(8192, ge=1)
     """Calibration tokens run through the layers (whole samples, evenly spaced)."""
+    act_order: bool = True
+    """Quantize the columns with the largest input energy first (static groups); see gptq_weight."""
 
 
-def gptq_weight(weight: Tensor, gram: Tensor, scheme: WeightScheme, damp: float = 0.01) -> Codes:
-    """Quantize `weight` (N, K) with GPTQ given H = X^T X (K, K); returns its codes, scales and zero points."""
+def gptq_weight(weight: Tensor, gram: Tensor, scheme: WeightScheme, damp: float = 0.01,
+                act_order: bool = False) -> Codes:
+    """Quantize `weight` (N, K) with GPTQ given H = X^T X (K, K); returns its codes, scales and zero points.
+
+    act_order: sweep the columns in order of decreasing H diagonal (the loudest inputs first, while most columns
+    are left to absorb their error), with every group's grid fixed up front by min-max on the original weight
+    (llm-compressor's "static" order); groups stay contiguous, so the checkpoint format is unchanged."""
     w = weight.float().clone()
     n, k = w.shape
     h = gram.float().clone()
@@ -44,27 +51,38 @@ def gptq_weight(weight: Tensor, gram: Tensor, scheme: WeightScheme, damp: float 
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
+    group = scheme.group_size or k
+    if act_order:
+        _, scale, zero = quantize_weight(w, scheme)
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    else:  # grids are set as the sweep reaches each group, from its columns as they stand then
+        scale, zero = torch.empty(n, -(-k // group)), torch.empty(n, -(-k // group))
+        perm = torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as err:
         raise CalqError(f"GPTQ: the input Hessian is not positive definite ({err}); raise gptq.damp") from err
-    group = scheme.group_size or k
     lo, hi = code_range(scheme)
+    column_group = (perm // group).tolist()
     q = torch.empty_like(w)
-    scales, zeros = [], []
-    for start in range(0, k, group):  # one block per group: its grid is set from its current columns
-        end = min(start + group, k)
+    block_size = 128 if act_order else group  # without act order one block per group, so its grid comes first
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
         block, err = w[:, start:end].clone(), torch.empty(n, end - start)
-        _, scale, zero = quantize_weight(block, scheme.model_copy(update={"group_size": None}))
-        scales.append(scale[:, 0])
-        zeros.append(zero[:, 0])
+        if not act_order:
+            _, s, z = quantize_weight(block, scheme.model_copy(update={"group_size": None}))
+            scale[:, start // group], zero[:, start // group] = s[:, 0], z[:, 0]
         for i in range(end - start):
-            codes = (block[:, i] / scale[:, 0] + zero[:, 0]).round().clamp(lo, hi)
+            g = column_group[start + i]
+            codes = (block[:, i] / scale[:, g] + zero[:, g]).round().clamp(lo, hi)
             q[:, start + i] = codes
-            err[:, i] = (block[:, i] - (codes - zero[:, 0]) * scale[:, 0]) / hinv[start + i, start + i]
+            err[:, i] = (block[:, i] - (codes - zero[:, g]) * scale[:, g]) / hinv[start + i, start + i]
             block[:, i:] -= err[:, i, None] * hinv[start + i, start + i:end][None, :]
         w[:, end:] -= err @ hinv[start:end, end:]
-    return Codes(q, torch.stack(scales, 1), torch.stack(zeros, 1))
+    codes = torch.empty_like(q)
+    codes[:, perm] = q
+    return Codes(codes, scale, zero)
 
 
 @torch.no_grad()
@@ -86,7 +104,8 @@ def gptq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: GPT
             chosen = [(name, lin) for name, lin in zip(site.names, site.linears) if not is_ignored(name, ignore)]
             if not chosen:
                 continue
-            stacked = gptq_weight(torch.cat([lin.weight for _, lin in chosen]), site.gram, scheme, cfg.damp)
+            stacked = gptq_weight(torch.cat([lin.weight for _, lin in chosen]), site.gram, scheme, cfg.damp,
+                                  cfg.act_order)
             rows = 0
             for name, lin in chosen:
                 part = stacked.rows(rows, rows + lin.out_features)

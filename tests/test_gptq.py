@@ -26,26 +26,28 @@ def _correlated_inputs(tokens: int = 4096, k: int = 200) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_gptq_cuts_the_output_error_of_round_to_nearest(scheme):
+def test_gptq_cuts_the_output_error_of_round_to_nearest(scheme, act_order):
     x = _correlated_inputs()
     w = torch.randn(64, 200, generator=torch.Generator().manual_seed(1)) * 0.05
     gram = x.T @ x
-    codes = gptq_weight(w, gram, scheme)
+    codes = gptq_weight(w, gram, scheme, act_order=act_order)
     groups = 1 if scheme.group_size is None else -(-200 // scheme.group_size)  # 200 = 6 x 32 + 8: ragged
     assert codes.q.shape == (64, 200) and codes.scale.shape == codes.zero.shape == (64, groups)
     lo, hi = (0, 15) if scheme.bits == 4 else (-127, 127)
     assert codes.q.min() >= lo and codes.q.max() <= hi and torch.equal(codes.q, codes.q.round())
     gptq_error = output_error(codes.dequantize(scheme.group_size) - w, gram)
     rtn_error = output_error(fake_quantize(w, scheme) - w, gram)
-    assert gptq_error < 0.1 * rtn_error, (gptq_error, rtn_error)  # measured 0.03-0.04
+    assert gptq_error < 0.1 * rtn_error, (gptq_error, rtn_error)  # measured 0.03-0.04, act order 0.02-0.03
 
 
-def test_gptq_without_correlation_is_round_to_nearest():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_without_correlation_is_round_to_nearest(act_order):
     """With H a multiple of the identity no error is fed forward, so GPTQ is min-max rounding, code for code."""
     w = torch.randn(48, 100, generator=torch.Generator().manual_seed(2))
     scheme = WeightScheme(bits=4, group_size=32)
-    codes = gptq_weight(w, 7.0 * torch.eye(100), scheme)
+    codes = gptq_weight(w, 7.0 * torch.eye(100), scheme, act_order=act_order)
     q, scale, zero = quantize_weight(w, scheme)
     assert torch.equal(codes.q, q)
     torch.testing.assert_close(codes.scale, scale, rtol=0, atol=0)
@@ -81,7 +83,7 @@ def test_gptq_variant_stores_its_codes_and_beats_minmax(tiny_model, tokenizer):
                                    rtol=1e-4, atol=1e-4)
         kl = {name: F.kl_div(F.log_softmax(m.model(input_ids=ids).logits, -1), ref, log_target=True,
                              reduction="batchmean").item() for name, m in (("gptq", gptq_variant), ("minmax", minmax))}
-    assert kl["gptq"] < 0.8 * kl["minmax"], kl  # measured ratio: llama 0.49, qwen2 0.44, gemma3 0.67
+    assert kl["gptq"] < 0.8 * kl["minmax"], kl  # measured ratio: llama 0.53, qwen2 0.48, gemma3 0.65
 
 
 def test_gptq_leaves_the_input_model_alone(tiny_model, tokenizer):
