@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="run directory (default: the recipe's `output`)")
     p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a gate fails")
     p.set_defaults(fn=_run)
-    p = sub.add_parser("compare", help="min-max vs SmoothQuant vs AWQ (W8A8, W4A16 g128/g32) on the same samples")
+    p = sub.add_parser("compare", help="min-max vs SmoothQuant vs AWQ vs GPTQ (W8A8, W4A16 g128/g32) on the same samples")
     p.add_argument("recipe", help="recipe YAML whose model, calibration and evaluation are used")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: <recipe output>/compare)")
     p.set_defaults(fn=_compare)
