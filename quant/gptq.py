@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from quant.awq import _capture, _sites, calibration_subset, layer_inputs
 from quant.cache import CalqError
-from quant.mappings import decoder_layers
+from quant.mappings import Layer, decoder_layers
 from quant.quantize import Codes, WeightScheme, code_range, is_ignored, quantize_weight
 from quant.schema import StrictModel
 
@@ -86,6 +86,28 @@ def gptq_weight(weight: Tensor, gram: Tensor, scheme: WeightScheme, damp: float 
 
 
 @torch.no_grad()
+def gptq_layer(layer: Layer, hidden: list[Tensor], kwargs: list[dict], scheme: WeightScheme, cfg: GPTQConfig,
+               ignore: tuple[str, ...] = ()) -> dict[str, Codes]:
+    """GPTQ codes of one decoder layer's linears (except those matching `ignore`) on its inputs `hidden` (one per
+    sample, called with the matching `kwargs`); their weights become the codes dequantized, in place."""
+    sites = _sites(layer)
+    _capture(layer, sites, hidden, kwargs)
+    codes: dict[str, Codes] = {}
+    for site in sites.values():
+        chosen = [(name, lin) for name, lin in zip(site.names, site.linears) if not is_ignored(name, ignore)]
+        if not chosen:
+            continue
+        stacked = gptq_weight(torch.cat([lin.weight for _, lin in chosen]), site.gram, scheme, cfg.damp,
+                              cfg.act_order)
+        rows = 0
+        for name, lin in chosen:
+            codes[name] = stacked.rows(rows, rows + lin.out_features)
+            rows += lin.out_features
+            lin.weight.copy_(codes[name].dequantize(scheme.group_size).to(lin.weight.dtype))
+    return codes
+
+
+@torch.no_grad()
 def gptq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: GPTQConfig,
          ignore: tuple[str, ...] = ()) -> tuple[nn.Module, dict[str, Codes]]:
     """GPTQ codes of every decoder-layer linear not matched by `ignore`, and a copy of `model` whose weights are
@@ -98,19 +120,6 @@ def gptq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: GPT
     hidden, kwargs = layer_inputs(model, layers, calibration_subset(samples, cfg.max_tokens))
     codes: dict[str, Codes] = {}
     for layer, layer_kwargs in zip(tqdm(layers, desc="gptq", unit="layer"), kwargs):
-        sites = _sites(layer)
-        _capture(layer, sites, hidden, layer_kwargs)
-        for site in sites.values():
-            chosen = [(name, lin) for name, lin in zip(site.names, site.linears) if not is_ignored(name, ignore)]
-            if not chosen:
-                continue
-            stacked = gptq_weight(torch.cat([lin.weight for _, lin in chosen]), site.gram, scheme, cfg.damp,
-                                  cfg.act_order)
-            rows = 0
-            for name, lin in chosen:
-                part = stacked.rows(rows, rows + lin.out_features)
-                rows += lin.out_features
-                codes[name] = part
-                lin.weight.copy_(part.dequantize(scheme.group_size).to(lin.weight.dtype))
+        codes.update(gptq_layer(layer, hidden, layer_kwargs, scheme, cfg, ignore))
         hidden = [layer.module(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
     return model, codes

@@ -36,10 +36,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from quant.awq import awq_layer, calibration_subset, layer_inputs
 from quant.cache import CalqError
+from quant.gptq import gptq_layer
 from quant.mappings import Layer, architecture, decoder_layers
 from quant.methods import QuantSpec
 from quant.models import ModelConfig, resolve_model_path
-from quant.quantize import QuantizeResult, is_ignored, quantize
+from quant.quantize import Codes, QuantizeResult, is_ignored, quantize
 from quant.schema import StrictModel
 from quant.smoothquant import smooth_layer
 from quant.stats import ActivationStats, LayerStats, recording
@@ -196,8 +197,8 @@ def _needs_stats(spec: QuantSpec) -> bool:
 
 
 def _variant_samples(spec: QuantSpec, samples: list[Tensor], cfg: SequentialConfig) -> list[Tensor] | None:
-    if spec.method == "awq":
-        return calibration_subset(samples, spec.awq.max_tokens)
+    if spec.method in ("awq", "gptq"):
+        return calibration_subset(samples, (spec.awq if spec.method == "awq" else spec.gptq).max_tokens)
     if cfg.propagate == "quantized" and _needs_stats(spec):
         return samples
     return None
@@ -208,20 +209,24 @@ def _run(module: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> list[Te
 
 
 # Per method: transform one float layer in place (given its variant's inputs and the statistics of its
-# linears' inputs) and return the statistics of the transformed linears that changed.
+# linears' inputs) and return the statistics of the transformed linears that changed, and any codes the method
+# chose itself (GPTQ).
 LayerTransform = Callable[[Layer, QuantSpec, dict[str, LayerStats], list[Tensor] | None, list[dict] | None],
-                          dict[str, LayerStats]]
+                          tuple[dict[str, LayerStats], dict[str, Codes]]]
 LAYER_TRANSFORMS: dict[str, LayerTransform] = {
-    "minmax": lambda layer, spec, stats, hidden, kwargs: {},
-    "smoothquant": lambda layer, spec, stats, hidden, kwargs: smooth_layer(layer, stats, spec.smoothquant),
-    "awq": lambda layer, spec, stats, hidden, kwargs: awq_layer(layer, hidden, kwargs, spec.weights, spec.awq,
-                                                                        spec.ignore) or {},
+    "minmax": lambda layer, spec, stats, hidden, kwargs: ({}, {}),
+    "smoothquant": lambda layer, spec, stats, hidden, kwargs: (smooth_layer(layer, stats, spec.smoothquant), {}),
+    "awq": lambda layer, spec, stats, hidden, kwargs: (awq_layer(layer, hidden, kwargs, spec.weights, spec.awq,
+                                                                 spec.ignore) or {}, {}),
+    "gptq": lambda layer, spec, stats, hidden, kwargs: ({}, gptq_layer(layer, hidden, kwargs, spec.weights,
+                                                                       spec.gptq, spec.ignore)),
 }
 
 
-def _quantize_module(v: _Variant, name: str, module: nn.Module, stats: dict[str, LayerStats]) -> nn.Module:
+def _quantize_module(v: _Variant, name: str, module: nn.Module, stats: dict[str, LayerStats],
+                     codes: dict[str, Codes] | None = None) -> nn.Module:
     """Quantize `module` (at full name `name`) as the whole-model quantize() would, on CPU."""
-    q = quantize(_rooted(name, module), v.spec, ActivationStats(layers=stats, meta={}))
+    q = quantize(_rooted(name, module), v.spec, ActivationStats(layers=stats, meta={}), codes)
     v.result.quantized += q.quantized
     v.result.kept.update(q.kept)
     return q.model.get_submodule(name).to("cpu")
@@ -238,10 +243,11 @@ def _layer_step(v: _Variant, i: int, fp: nn.Module, fp_stats: dict[str, LayerSta
     if cfg.propagate == "quantized" and _needs_stats(v.spec):
         with recording(layer.module, layer.name) as stats:
             _run(layer.module, v.hidden, kwargs)
-    stats = {**stats, **LAYER_TRANSFORMS[v.spec.method](layer, v.spec, stats, v.hidden, kwargs)}
-    if v.hidden is not None and cfg.propagate == "float":
+    changed, codes = LAYER_TRANSFORMS[v.spec.method](layer, v.spec, stats, v.hidden, kwargs)
+    stats = {**stats, **changed}
+    if v.hidden is not None and cfg.propagate == "float":  # GPTQ's layer already holds its dequantized codes
         v.hidden = _run(layer.module, v.hidden, kwargs)
-    qlayer = _quantize_module(v, layer.name, layer.module, stats)
+    qlayer = _quantize_module(v, layer.name, layer.module, stats, codes)
     if v.hidden is not None and cfg.propagate == "quantized":
         v.hidden = _run(qlayer.to(cfg.device), v.hidden, kwargs)
         qlayer.to("cpu")
@@ -281,9 +287,6 @@ def calibrate_sequential(source: ModelConfig, samples: list[Tensor], specs: list
     """
     if not samples:
         raise CalqError("no calibration samples for sequential calibration; select samples first")
-    unsupported = [f"{spec.name} ({spec.method})" for spec in specs if spec.method not in LAYER_TRANSFORMS]
-    if unsupported:
-        raise CalqError(f"sequential calibration cannot run {', '.join(unsupported)} yet; set sequential: null")
     path = Path(resolve_model_path(source.source))
     if not path.is_dir():
         raise CalqError(f"sequential calibration needs a local checkpoint directory, got {source.source!r}; "

@@ -5,12 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from quant.awq import output_error
-from quant.cache import CalqError
 from quant.gptq import GPTQConfig, gptq, gptq_weight
 from quant.methods import QuantSpec, quantize_variant
-from quant.models import ModelConfig
 from quant.quantize import QuantLinear, WeightScheme, fake_quantize, quantize_weight
-from quant.sequential import calibrate_sequential
 from quant.stats import ActivationStats
 
 SCHEMES = [WeightScheme(bits=4, group_size=32), WeightScheme(bits=4, group_size=64, symmetric=True),
@@ -90,9 +87,3 @@ def test_gptq_leaves_the_input_model_alone(tiny_model, tokenizer):
     before = copy.deepcopy(tiny_model.state_dict())
     gptq(tiny_model, [torch.arange(20) % len(tokenizer)], WeightScheme(bits=4, group_size=32), GPTQConfig())
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-
-
-def test_sequential_refuses_gptq_variants():
-    spec = QuantSpec(name="g", method="gptq", weights=WeightScheme(bits=4, group_size=32))
-    with pytest.raises(CalqError, match=r"cannot run g \(gptq\) yet; set sequential: null"):
-        calibrate_sequential(ModelConfig(), [torch.arange(8)], [spec])

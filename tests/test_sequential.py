@@ -20,6 +20,7 @@ SPECS = (
     QuantSpec(name="minmax", weights=W4),
     QuantSpec(name="sq-static", method="smoothquant", weights=W8, activations=ActScheme(mode="static")),
     QuantSpec(name="awq", method="awq", weights=W4, awq=FAST_AWQ),
+    QuantSpec(name="gptq", method="gptq", weights=W4),
 )
 
 
