@@ -15,6 +15,7 @@ Layers are processed in order; each one's inputs come from the previous, already
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -212,6 +213,21 @@ def awq_layer(layer: Layer, hidden: list[Tensor], kwargs: list[dict], scheme: We
 
 
 @torch.no_grad()
+def transform_layers(model: nn.Module, samples: list[Tensor], max_tokens: int, method: str,
+                     step: Callable[[Layer, list[Tensor], list[dict]], None]) -> nn.Module:
+    """A deep copy of `model` on which `step(layer, hidden, kwargs)` changed every decoder layer in place, in
+    order, each on the outputs of the layers before it as already changed (AWQ and GPTQ walk layers this way)."""
+    if not samples:
+        raise CalqError(f"{method} needs calibration samples; select samples first")
+    model = copy.deepcopy(model)
+    layers = decoder_layers(model)
+    hidden, kwargs = layer_inputs(model, layers, calibration_subset(samples, max_tokens))
+    for layer, layer_kwargs in zip(tqdm(layers, desc=method.lower(), unit="layer"), kwargs):
+        step(layer, hidden, layer_kwargs)
+        hidden = [layer.module(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
+    return model
+
+
 def awq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: AWQConfig,
         ignore: tuple[str, ...] = ()) -> nn.Module:
     """Return a deep copy of `model` with AWQ scales folded in and weights clipped (still float).
@@ -219,12 +235,5 @@ def awq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: AWQC
     Each layer is calibrated on the float outputs of the layers before it, already transformed
     (scaled and clipped) but not quantized; quant.sequential does the same by default.
     """
-    if not samples:
-        raise CalqError("AWQ needs calibration samples; select samples first")
-    smoothed = copy.deepcopy(model)
-    layers = decoder_layers(smoothed)
-    hidden, kwargs = layer_inputs(smoothed, layers, calibration_subset(samples, cfg.max_tokens))
-    for layer, layer_kwargs in zip(tqdm(layers, desc="awq", unit="layer"), kwargs):
-        awq_layer(layer, hidden, layer_kwargs, scheme, cfg, ignore)
-        hidden = [layer.module(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
-    return smoothed
+    return transform_layers(model, samples, cfg.max_tokens, "AWQ",
+                            lambda layer, hidden, kwargs: awq_layer(layer, hidden, kwargs, scheme, cfg, ignore))

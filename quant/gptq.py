@@ -14,16 +14,13 @@ Layers run in order, each on the outputs of the layers before it with their weig
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from quant.awq import _capture, _sites, calibration_subset, layer_inputs
+from quant.awq import _capture, _sites, transform_layers
 from quant.cache import CalqError
-from quant.mappings import Layer, decoder_layers
+from quant.mappings import Layer
 from quant.quantize import Codes, WeightScheme, code_range, is_ignored, quantize_weight
 from quant.schema import StrictModel
 
@@ -107,19 +104,12 @@ def gptq_layer(layer: Layer, hidden: list[Tensor], kwargs: list[dict], scheme: W
     return codes
 
 
-@torch.no_grad()
 def gptq(model: nn.Module, samples: list[Tensor], scheme: WeightScheme, cfg: GPTQConfig,
          ignore: tuple[str, ...] = ()) -> tuple[nn.Module, dict[str, Codes]]:
     """GPTQ codes of every decoder-layer linear not matched by `ignore`, and a copy of `model` whose weights are
     those codes dequantized (what the quantized model computes; the input model is not modified). Linears
     outside the decoder layers are left to the shared min-max quantizer."""
-    if not samples:
-        raise CalqError("GPTQ needs calibration samples; select samples first")
-    model = copy.deepcopy(model)
-    layers = decoder_layers(model)
-    hidden, kwargs = layer_inputs(model, layers, calibration_subset(samples, cfg.max_tokens))
     codes: dict[str, Codes] = {}
-    for layer, layer_kwargs in zip(tqdm(layers, desc="gptq", unit="layer"), kwargs):
-        codes.update(gptq_layer(layer, hidden, layer_kwargs, scheme, cfg, ignore))
-        hidden = [layer.module(h, **kw) for h, kw in zip(hidden, layer_kwargs)]
-    return model, codes
+    quantized = transform_layers(model, samples, cfg.max_tokens, "GPTQ", lambda layer, hidden, kwargs: codes.update(
+        gptq_layer(layer, hidden, kwargs, scheme, cfg, ignore)))
+    return quantized, codes
