@@ -43,16 +43,18 @@ def main() -> None:
     if not gguf.exists():
         raise SystemExit(f"{gguf} does not exist; export the variant with calq export --format gguf first")
     model, tokenizer = load(args.run_dir / "models" / args.variant, device="cpu")
-    weights_only = copy.deepcopy(model)
-    for module in weights_only.modules():
-        if isinstance(module, QuantLinear):
-            module.act_mode = None
+    compared = {"calq": model}
+    if any(isinstance(m, QuantLinear) and m.act_mode for m in model.modules()):  # W8A8: also its weights alone
+        compared["calq weights only"] = copy.deepcopy(model)
+        for module in compared["calq weights only"].modules():
+            if isinstance(module, QuantLinear):
+                module.act_mode = None
     llm = Llama(str(gguf), n_ctx=args.seq_len, n_batch=args.seq_len, logits_all=True, n_threads=args.threads,
                 verbose=False)
     windows = eval_windows(tokenizer, TextEvalConfig(sources=["wikipedia"], windows=args.windows,
                                                      seq_len=args.seq_len))
     same_ids = 0
-    rows: dict[str, dict[str, list]] = {"calq": {}, "calq weights only": {}}
+    rows: dict[str, dict[str, list]] = {name: {} for name in compared}
     nll_llama = []
     for ids in windows:
         text = tokenizer.decode(ids)
@@ -62,7 +64,7 @@ def main() -> None:
         theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
         logp_theirs = F.log_softmax(theirs, -1)
         nll_llama.append(-logp_theirs[:-1].gather(-1, ids[1:, None])[:, 0])
-        for name, m in (("calq", model), ("calq weights only", weights_only)):
+        for name, m in compared.items():
             with torch.inference_mode():
                 ours = m(input_ids=ids[None], use_cache=False).logits[0].float()
             logp_ours = F.log_softmax(ours, -1)

@@ -35,7 +35,6 @@ from quant.schema import StrictModel
 LETTERS = "ABCD"
 
 
-
 class TextEvalConfig(StrictModel):
     sources: tuple[str, ...] = ("wikipedia",)
     windows: int = Field(40, ge=1)
@@ -215,6 +214,7 @@ def _mmlu_eval(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[M
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probs = {name: np.zeros((len(items), len(LETTERS))) for name in models}
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][shard[0]::shard[1]]
+    groups = forward_groups(models)
     for batch in tqdm(batches, desc="eval mmlu", unit="batch"):
         width = max(len(encoded[i]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -222,7 +222,7 @@ def _mmlu_eval(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[M
         for row, i in enumerate(batch):  # left padding: the answer position is the last column
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        for model, views in forward_groups(models):
+        for model, views in groups:
             dev = next(model.parameters()).device
             out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
             z = out.logits[:, -1, letters].float().cpu()

@@ -198,7 +198,7 @@ def _needs_stats(spec: QuantSpec) -> bool:
 
 def _variant_samples(spec: QuantSpec, samples: list[Tensor], cfg: SequentialConfig) -> list[Tensor] | None:
     if spec.method in ("awq", "gptq"):
-        return calibration_subset(samples, (spec.awq if spec.method == "awq" else spec.gptq).max_tokens)
+        return calibration_subset(samples, getattr(spec, spec.method).max_tokens)  # spec.awq / spec.gptq
     if cfg.propagate == "quantized" and _needs_stats(spec):
         return samples
     return None
