@@ -19,12 +19,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from quant.bands import ABSTAIN, UNSURE, BandConfig, band_of
-from quant.cache import CalqError
+from quant.confidence.bands import ABSTAIN, UNSURE, BandConfig, band_of
 from quant.data import MCItem
-from quant.evaluate import LETTERS, letter_token_ids, mmlu_prompt
-
-REFERENCE = "fp"
+from quant.errors import CalqError
+from quant.evaluate import REFERENCE
+from quant.evaluate.evaluation import LETTERS, letter_token_ids, mmlu_prompt
+from quant.formats import load, run_variants
+from quant.formats.checkpoint import MANIFEST
+from quant.models import ModelConfig, load_model
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,16 @@ class Answer:
 def load_for_ask(path: str | Path, variant: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A run directory (with `variant`; "fp" is the recipe's own model), a calq checkpoint directory, or
     any model source `load_model` accepts."""
-    from quant.checkpoint import MANIFEST, load
-    from quant.models import ModelConfig, load_model
-
     path = Path(path).expanduser()
     if (path / "models").is_dir():
-        names = sorted(p.name for p in (path / "models").iterdir() if p.is_dir())
+        names = run_variants(path)
         if variant == REFERENCE:
             recipe = json.loads((path / "recipe.json").read_text())
             return load_model(ModelConfig.model_validate(recipe["model"]))
         if variant not in names:
             raise CalqError(f"{path} is a run directory: pick a model with --variant "
                             f"({', '.join([REFERENCE, *names])})")
-        return load(path / "models" / variant)
+        return load(path, variant=variant)
     if variant is not None:
         raise CalqError(f"--variant {variant} needs a run directory; {path} is a single model")
     if (path / MANIFEST).is_file():

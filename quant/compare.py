@@ -1,7 +1,7 @@
-"""`calq compare`: min-max, SmoothQuant, AWQ and GPTQ on the same samples, statistics and evaluation data.
+"""`calq compare`: a recipe's variants (recipes/compare.yaml: min-max, SmoothQuant, AWQ and GPTQ) on the same samples,
+statistics and evaluation data, each as it quantizes.
 
-Runs the recipe's model, calibration and evaluation with a fixed set of variants and writes one table
-(compare.md, compare.csv) and a plot (compare.png) next to the usual report.
+Writes one table (compare.md, compare.csv) and a plot (compare.png) next to the usual report.
 """
 
 from __future__ import annotations
@@ -15,23 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from quant.cache import atomic_path, write_text_atomic  # noqa: E402
-from quant.methods import QuantSpec  # noqa: E402
+from quant.files import atomic_path, write_text_atomic  # noqa: E402
 from quant.pipeline import RunResult, run  # noqa: E402
-from quant.quantize import ActScheme, WeightScheme  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
-from quant.smoothquant import SmoothQuantConfig  # noqa: E402
-
-W8 = WeightScheme(bits=8, group_size=None, symmetric=True)
-SQ = SmoothQuantConfig(alpha=0.8)  # the SmoothQuant paper's choice for Llama-family models
-COMPARISON = (
-    *(spec for mode in ("dynamic", "static") for spec in (
-        QuantSpec(name=f"w8a8-{mode}-minmax", weights=W8, activations=ActScheme(mode=mode)),
-        QuantSpec(name=f"w8a8-{mode}-smoothquant", method="smoothquant", weights=W8, activations=ActScheme(mode=mode),
-                  smoothquant=SQ))),
-    *(QuantSpec(name=f"w4a16-g{g}-{m}", method=m, weights=WeightScheme(bits=4, group_size=g))
-      for g in (128, 32) for m in ("minmax", "awq", "gptq")),
-)
 
 COLUMNS = (
     ("variant", lambda n, e, ref: n),
@@ -94,12 +80,10 @@ def write_comparison(report: dict, run_dir: Path) -> list[dict]:
 
 
 def compare(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
-    """Run the comparison variants on the recipe's model, samples and evaluation data.
-
-    The methods are compared as they quantize: no re-calibration, logit lens or export (`calq run` does those)."""
+    """Run the recipe's variants on its model, samples and evaluation data, compared as they quantize: no
+    re-calibration, logit lens, gates or export (`calq run` does those)."""
     evaluation = recipe.evaluation.model_copy(update={"logit_lens": None})
-    spec = recipe.model_copy(update={"quantize": COMPARISON, "gates": (), "recalibrate": None, "export": (),
-                                     "evaluation": evaluation})
-    result = run(spec, Path(run_dir) if run_dir else recipe.run_dir / "compare")
+    spec = recipe.model_copy(update={"gates": (), "recalibrate": None, "export": (), "evaluation": evaluation})
+    result = run(spec, Path(run_dir) if run_dir else recipe.run_dir)
     write_comparison(result.report, result.run_dir)
     return result

@@ -7,7 +7,6 @@ them, and a changed recipe recomputes them. Every artifact is written atomically
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,28 +15,21 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file, save_file
 
-from quant.cache import atomic_path
-from quant.calibration import Sample, Selection, select_samples
-from quant.checkpoint import save_quantized
-from quant.bands import band_table
-from quant.export import export
-from quant.evaluate import ModelEval, eval_windows, evaluate
-from quant.gate import GateReport, check_gates
-from quant.lens import layer_calibration
+from quant.calibrate import ActivationStats, Streamed, collect_stats
+from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, recalibrate, reference_logits
+from quant.confidence.recalibrate import TemperatureFit
+from quant.data import Selection, select_samples
+from quant.evaluate import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
+from quant.evaluate.plots import confidence_histogram, reliability_diagram
+from quant.evaluate.report import write_report
+from quant.files import atomic_path
+from quant.formats import export, save_quantized
+from quant.methods import QuantizeResult, quantize_variant, quantize_variants
 from quant.models import load_model
-from quant.plots import confidence_histogram, reliability_diagram
-from quant.methods import quantize_variant
-from quant.quantize import QuantizeResult
-from quant.recalibrate import SUFFIX, TemperatureFit, Tempered, recalibrate, reference_logits
 from quant.recipe import Recipe
-from quant.report import write_report
-from quant.sequential import calibrate_sequential
-from quant.stats import ActivationStats, collect_stats
 
 log = logging.getLogger(__name__)
-REFERENCE = "fp"
 
 
 class PeakRSS:
@@ -82,16 +74,11 @@ def _fingerprint_ok(directory: Path, fingerprint: str) -> bool:
 def _selection(recipe: Recipe, tokenizer, directory: Path) -> Selection:
     fingerprint = recipe.section_hash("model", "calibration")
     if _fingerprint_ok(directory, fingerprint):
-        manifest = json.loads((directory / "manifest.json").read_text())
-        tensors = load_file(directory / "samples.safetensors")
-        samples = [Sample(**s) for s in manifest["samples"]]
-        return Selection(samples, [tensors[f"{i:05d}"] for i in range(len(samples))], manifest["diversity"],
-                         manifest["per_source"], manifest["pool_size"], manifest["duplicates_removed"])
+        return Selection.load(directory)
     selection = select_samples(tokenizer, recipe.calibration)
     with atomic_path(directory) as tmp:
         tmp.mkdir()
-        selection.save(tmp / "manifest.json")
-        save_file({f"{i:05d}": t.contiguous() for i, t in enumerate(selection.token_ids)}, tmp / "samples.safetensors")
+        selection.save(tmp)
         (tmp / "fingerprint").write_text(fingerprint)
     return selection
 
@@ -117,13 +104,13 @@ def _stats(recipe: Recipe, model, selection: Selection, directory: Path) -> Acti
 
 
 def _sequential(recipe: Recipe, selection: Selection, directory: Path) -> tuple[ActivationStats, dict]:
-    """Statistics (unless cached) and every variant in one layer-by-layer pass over the checkpoint on disk."""
+    """Statistics (unless cached) and every variant in one walk over the checkpoint streamed from disk."""
     cached = _cached_stats(recipe, directory)
-    result = calibrate_sequential(recipe.model, selection.token_ids, recipe.quantize, recipe.sequential, cached,
-                                  meta=_stats_meta(recipe))
+    stats, variants = quantize_variants(Streamed(recipe.model, recipe.sequential.device), selection.token_ids,
+                                        recipe.quantize, cached, recipe.sequential.propagate, meta=_stats_meta(recipe))
     if cached is None:
-        result.stats.save(directory)
-    return result.stats, result.variants
+        stats.save(directory)
+    return stats, variants
 
 
 def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path,
@@ -155,7 +142,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         stats, variants = timed("sequential", _sequential, recipe, selection, run_dir / "stats")
     else:
         stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
-        variants = {spec.name: timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats, selection.token_ids)
+        variants = {spec.name: timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats,
+                                     selection.token_ids)
                     for spec in recipe.quantize}
     fits: dict[str, TemperatureFit] = {}
     # re-calibrated variants: what is saved and gated (the raw variant is evaluated too)
@@ -195,6 +183,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                             "temperature": fits[base].temperature if name in shipped else None,
                             "size_mb": (v.weight_bytes() if v else fp_bytes) / 2**20,
                             "method": v.spec.method if v else "none",
+                            "scheme": v.spec.scheme if v else None,
                             "quantize_seconds": timings.get(f"quantize_{base}"),
                             "quantize_peak_rss_mb": peak_mb.get(f"quantize_{base}"),
                             "layers_quantized": len(v.quantized) if v else 0,

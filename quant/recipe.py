@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from quant.cache import CalqError
-from quant.calibration import SelectConfig
-from quant.evaluate import EvalConfig
-from quant.export import ExportConfig
-from quant.gate import GateRule
-from quant.models import ModelConfig
+from quant.calibrate import SequentialConfig
+from quant.confidence import SUFFIX, RecalibrateConfig
+from quant.data import SelectConfig
+from quant.errors import CalqError
+from quant.evaluate import REFERENCE, EvalConfig, GateRule
+from quant.formats import ExportConfig
 from quant.methods import QuantSpec
-from quant.recalibrate import SUFFIX, RecalibrateConfig
+from quant.models import ModelConfig
 from quant.schema import StrictModel
-from quant.sequential import SequentialConfig
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""Variant names are directory names under the run directory: letters, digits, '.', '_' and '-' only."""
 
 
 class Recipe(StrictModel):
@@ -41,8 +44,13 @@ class Recipe(StrictModel):
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
         names = [q.name for q in self.quantize]
-        if len(set(names)) != len(names) or "fp" in names or any(n.endswith(SUFFIX) for n in names):
-            raise ValueError(f"quantize variant names must be unique, not 'fp' and not end in {SUFFIX!r} (got {names})")
+        unsafe = [n for n in names if not VARIANT_NAME.fullmatch(n)]
+        if unsafe:
+            raise ValueError(f"variant name {unsafe[0]!r} is not a plain directory name: use letters, digits, '.', "
+                             "'_' and '-' (it names run_dir/models/<variant>)")
+        if len(set(names)) != len(names) or REFERENCE in names or any(n.endswith(SUFFIX) for n in names):
+            raise ValueError(f"quantize variant names must be unique, not {REFERENCE!r} and not end in {SUFFIX!r} "
+                             f"(got {names})")
         return self
 
     @model_validator(mode="after")

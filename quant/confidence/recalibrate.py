@@ -1,0 +1,194 @@
+"""Post-quantization temperature re-calibration, folded into the checkpoint.
+
+Quantization moves a model's confidence. One scalar temperature T (logits / T) fixes most of it:
+- `labelled`: T minimizes next-token NLL on calibration text (never the evaluation split);
+- `label_free`: T minimizes KL(full precision || quantized / T) on positions where both models agree
+  on the top token: the full-precision model is the reference, no labels needed (the idea of DACA /
+  Dual-Align).
+T is folded into the final norm's weight (logits are linear in it), so every runtime that loads the
+checkpoint applies it without knowing about calq.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from scipy.optimize import minimize_scalar
+
+from quant.errors import CalqError
+from quant.models import final_norm, fold_scales
+from quant.schema import StrictModel
+
+Method = Literal["labelled", "label_free"]
+SUFFIX = "+T"
+"""Appended to a variant's name for its re-calibrated copy (`w4a16-g128` -> `w4a16-g128+T`)."""
+
+
+class RecalibrateConfig(StrictModel):
+    method: Method = "label_free"
+    positions: int = Field(4096, ge=64)
+    """Token positions sampled from the calibration samples for the fit (logits are kept for these)."""
+    max_samples: int = Field(64, ge=1)
+    """Calibration samples the positions come from (evenly spaced over the selection): each costs a forward
+    pass of the model (label_free: and of the reference, once for all variants), so fewer samples with more
+    positions each."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    temperature: float
+    method: Method
+    positions: int
+    objective_before: float  # the fitted objective at T = 1 ...
+    objective_after: float  # ... and at the fitted T
+    at_bound: bool = False
+    """The search ended at a bound of T_BOUNDS: the best temperature may lie outside (shown in the report)."""
+
+
+T_BOUNDS = (0.25, 4.0)
+"""Temperatures searched; a fit that ends at a bound is reported as such (TemperatureFit.at_bound)."""
+
+
+def _temperature_norm(model: nn.Module) -> nn.Module:
+    """The norm right before the unembedding, where a temperature folds exactly."""
+    fix = "set recalibrate: null for this model"
+    norm = final_norm(model, "folding a temperature", fix)
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise CalqError(f"cannot fold a temperature into {type(model).__name__}: its final logit soft-capping "
+                        f"is not linear in the norm; {fix}")
+    return norm
+
+
+@torch.no_grad()
+def apply_temperature(model: nn.Module, temperature: float) -> None:
+    """Divide the model's logits by `temperature`, in place, by scaling its final norm."""
+    norm = _temperature_norm(model)
+    fold_scales(norm, [], torch.full((norm.weight.numel(),), float(temperature)))
+
+
+def _fit_positions(samples: list[Tensor], cfg: RecalibrateConfig) -> list[tuple[Tensor, Tensor]]:
+    """(sample, sorted positions) pairs the fit reads: the same for every model given the same samples."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    samples = samples[::-(-len(samples) // cfg.max_samples)]  # ceil division: at most max_samples, spread out
+    per_sample = max(cfg.positions // len(samples), 1)
+    return [(ids, torch.randperm(len(ids) - 1, generator=gen)[:per_sample].sort().values) for ids in samples]
+
+
+@torch.inference_mode()
+def _logits_at(model: nn.Module, picks: list[tuple[Tensor, Tensor]], desc: str) -> list[Tensor]:
+    """float16 logits (positions, vocab) of `model` at each pick's positions (4096 x 49k vocab = 400 MB), on CPU;
+    the output head runs at those positions only."""
+    device = next(model.parameters()).device
+    return [model(input_ids=ids[None, :-1].to(device), use_cache=False,
+                  logits_to_keep=pos.to(device)).logits[0].half().cpu()
+            for ids, pos in tqdm(picks, desc=desc, unit="sample", leave=False)]
+
+
+def reference_logits(reference: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig) -> list[Tensor]:
+    """The full-precision model's logits at the fit positions: computed once, they serve the label-free fit
+    of every variant (`fit_temperature(..., reference=these)`)."""
+    return _logits_at(reference, _fit_positions(samples, cfg), "reference logits")
+
+
+def _collect(model: nn.Module, reference: list[Tensor] | None, samples: list[Tensor], cfg: RecalibrateConfig):
+    """Logits of `model` at the fit positions, plus the fit target: the next token, or the reference's
+    probabilities reduced to what the objective needs (p_ref . z and the agreement mask)."""
+    picks = _fit_positions(samples, cfg)
+    if reference is not None and [len(r) for r in reference] != [len(pos) for _, pos in picks]:
+        raise ValueError("the reference logits were computed on other samples or another recalibrate config; "
+                         "compute them with reference_logits on the same ones")
+    logits = _logits_at(model, picks, f"fit temperature ({cfg.method})")
+    targets, agree = [], []
+    for i, ((ids, pos), z) in enumerate(zip(picks, logits)):
+        if reference is None:
+            targets.append(ids[1:][pos])
+            agree.append(torch.ones(len(pos), dtype=torch.bool))
+        else:
+            p_ref = reference[i].float().softmax(-1)
+            targets.append((p_ref * z.float()).sum(-1))  # cross-entropy(p_ref, softmax(z/T)) = lse(z/T) - (p_ref.z)/T
+            agree.append(p_ref.argmax(-1) == z.argmax(-1))
+    return torch.cat(logits), torch.cat(targets), torch.cat(agree)
+
+
+def _objective(z: Tensor, target: Tensor, labelled: bool, temperature: float, chunk: int = 256) -> float:
+    total = 0.0
+    for i in range(0, len(z), chunk):
+        zi = z[i:i + chunk].float() / temperature
+        lse = zi.logsumexp(-1)
+        if labelled:
+            total += float((lse - zi.gather(-1, target[i:i + chunk, None])[:, 0]).sum())
+        else:
+            total += float((lse - target[i:i + chunk] / temperature).sum())
+    return total / len(z)
+
+
+Reference = nn.Module | list[Tensor]
+"""The full-precision model, or its logits from `reference_logits` on the same samples and config."""
+
+
+def fit_temperature(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
+                    reference: Reference | None = None) -> TemperatureFit:
+    """Fit T on calibration samples. `reference` is required for label_free."""
+    if (cfg.method == "label_free") != (reference is not None):
+        raise ValueError("label_free re-calibration needs the full-precision reference model; labelled needs none")
+    if isinstance(reference, nn.Module):
+        reference = reference_logits(reference, samples, cfg)
+    z, target, agree = _collect(model, reference, samples, cfg)
+    z, target = z[agree], target[agree]
+    if len(z) < 16:
+        raise CalqError(f"only {len(z)} usable positions to fit a temperature; add calibration samples")
+    labelled = cfg.method == "labelled"
+    f = lambda log_t: _objective(z, target, labelled, math.exp(log_t))  # noqa: E731
+    # the objective is convex in 1/T: a bounded scalar search on log T is plenty
+    lo, hi = math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])
+    t = math.exp(minimize_scalar(f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6}).x)
+    at_bound = min(abs(math.log(t) - lo), abs(math.log(t) - hi)) < 1e-3
+    return TemperatureFit(t, cfg.method, len(z), f(0.0), f(math.log(t)), at_bound)
+
+
+@dataclass(frozen=True)
+class Tempered:
+    """Another model's logits divided by a temperature: what folding T into its final norm gives
+    (quant.recalibrate), evaluated from the base model's forward pass instead of a second one."""
+
+    base: str
+    temperature: float
+
+
+Models = dict[str, nn.Module | Tempered]
+"""Models to evaluate by name; a `Tempered` entry names another entry's module as its base."""
+
+
+def forward_groups(models: Models) -> list[tuple[nn.Module, list[tuple[str, float]]]]:
+    """One entry per module to run: the module and the (name, temperature) views read from its logits."""
+    views: dict[str, list[tuple[str, float]]] = {n: [(n, 1.0)] for n, m in models.items() if isinstance(m, nn.Module)}
+    for name, m in models.items():
+        if isinstance(m, Tempered):
+            if m.base not in views:
+                raise ValueError(f"{name!r} is tempered from {m.base!r}, which is not a module among the models")
+            views[m.base].append((name, m.temperature))
+    return [(models[base], v) for base, v in views.items()]
+
+
+@dataclass
+class Recalibrated:
+    model: nn.Module
+    fit: TemperatureFit
+
+
+def recalibrate(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
+                reference: Reference | None = None) -> Recalibrated:
+    """A copy of `model` with the temperature fitted on `samples` folded in (the input is not modified)."""
+    fit = fit_temperature(model, samples, cfg, reference)
+    calibrated = copy.deepcopy(model)
+    apply_temperature(calibrated, fit.temperature)
+    return Recalibrated(calibrated, fit)

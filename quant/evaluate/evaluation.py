@@ -1,0 +1,329 @@
+"""Evaluate full precision and quantized models side by side on held-out data.
+
+Two signals: next-token prediction on held-out text (perplexity, top-1 accuracy, confidence
+calibration, and KL / top-1 agreement against the reference model, computed on the fly so no logits
+are stored) and MMLU letter scoring on a stratified subset (accuracy, calibration, answer spread).
+All models see the same batches in the same order, so the comparison is paired.
+
+Two steps, kept apart so a distributed wrapper can shard windows / items, gather the raw arrays and reduce:
+`collect_text` / `collect_mmlu` produce per-token / per-item arrays (`Predictions`), `reduce` turns them into
+metrics, each with a bootstrap interval, and changes against the reference with a paired bootstrap interval.
+Tokens of one window are correlated, so text resamples whole windows (cluster bootstrap); MMLU resamples items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from quant.confidence import metrics
+from quant.confidence.lens import LensConfig
+from quant.confidence.recalibrate import Models, forward_groups
+from quant.data import MCItem, load_documents, load_mmlu
+from quant.errors import CalqError
+from quant.schema import StrictModel
+
+LETTERS = "ABCD"
+REFERENCE = "fp"
+"""The name of the full-precision model among the evaluated ones: what KL, agreement and gates compare against."""
+
+
+class TextEvalConfig(StrictModel):
+    sources: tuple[str, ...] = ("wikipedia",)
+    windows: int = Field(40, ge=1)
+    seq_len: int = Field(512, ge=16)
+
+
+class MMLUConfig(StrictModel):
+    per_subject: int = Field(5, ge=1)
+    chat_template: bool = True
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class BootstrapConfig(StrictModel):
+    resamples: int = Field(1000, ge=20)
+    level: float = Field(0.95, gt=0.5, lt=1)
+    """Confidence level of every interval (0.95: the 2.5th and 97.5th percentiles of the resamples)."""
+    seed: int = 0
+
+
+class EvalConfig(StrictModel):
+    text: TextEvalConfig = TextEvalConfig()
+    mmlu: MMLUConfig | None = MMLUConfig()
+    ece_bins: int = Field(15, ge=2)
+    selective_threshold: float = Field(0.75, gt=0, le=1)
+    """Selective prediction: accuracy and coverage of the predictions at least this confident."""
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    logit_lens: LensConfig | None = None
+    """Layer-wise calibration (quant/confidence/lens.py) on a few evaluation windows; null skips it."""
+
+
+@dataclass
+class Predictions:
+    """Raw per-item arrays of one model on one kind of data (text tokens or MMLU items): everything its
+    metrics, intervals and plots are reduced from."""
+
+    confidence: np.ndarray
+    correct: np.ndarray
+    prediction: np.ndarray
+    """Predicted class: token id (text) or answer letter index (MMLU)."""
+    cluster: np.ndarray
+    """Bootstrap resampling unit of each item: its window (text) or the item itself (MMLU)."""
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-item quantities reported as their mean: nll, brier, kl_to_reference, top1_agreement."""
+
+    @classmethod
+    def concatenate(cls, parts: list[Predictions]) -> Predictions:
+        """Join shards (in order); cluster ids are offset so clusters of different shards stay distinct."""
+        offsets = np.cumsum([0] + [int(p.cluster.max()) + 1 if len(p.cluster) else 0 for p in parts[:-1]])
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("confidence", "correct", "prediction")),
+                   np.concatenate([p.cluster + o for p, o in zip(parts, offsets)]),
+                   {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values})
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate and its bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+@dataclass
+class ModelEval:
+    text: dict[str, float] = field(default_factory=dict)
+    mmlu: dict[str, float] = field(default_factory=dict)
+    answer_distribution: dict[str, int] = field(default_factory=dict)
+    intervals: dict[str, Estimate] = field(default_factory=dict)
+    """`text.ece` -> point and bootstrap interval, for every metric of `text` and `mmlu` (except n)."""
+    vs_reference: dict[str, dict[str, Estimate]] = field(default_factory=dict)
+    """`text.ece` -> {"difference": this - reference, "ratio": this / reference}, paired bootstrap intervals
+    (the same resampled windows / items for both models); empty for the reference itself."""
+    token_predictions: Predictions | None = None
+    mmlu_predictions: Predictions | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out text
+# ----------------------------------------------------------------------------------------------
+
+def eval_windows(tokenizer: PreTrainedTokenizerBase, cfg: TextEvalConfig) -> list[Tensor]:
+    """The first `windows` non-overlapping windows of the evaluation split, documents in order."""
+    docs = [d for s in cfg.sources for d in load_documents(s, "evaluation")]
+    ids = tokenizer("\n\n".join(d.text for d in docs), add_special_tokens=False)["input_ids"]
+    n = len(ids) // cfg.seq_len
+    if n < cfg.windows:
+        raise CalqError(f"evaluation text has {n} windows of {cfg.seq_len} tokens, {cfg.windows} requested; "
+                        "lower evaluation.text.windows or add sources")
+    return [torch.tensor(ids[i * cfg.seq_len:(i + 1) * cfg.seq_len]) for i in range(cfg.windows)]
+
+
+@torch.inference_mode()
+def collect_text(models: Models, windows: list[Tensor], reference: str) -> dict[str, Predictions]:
+    """Per-token predictions of every model on `windows`; KL and agreement are against `reference`."""
+    if not isinstance(models.get(reference), nn.Module):
+        raise ValueError(f"reference {reference!r} must be a module among the models")
+    acc = {name: {"conf": [], "pred": [], "correct": [], "nll": [], "brier": [], "kl": [], "agree": []}
+           for name in models}
+    groups = sorted(forward_groups(models), key=lambda g: g[1][0][0] != reference)  # the reference first
+    for ids in tqdm(windows, desc="eval text", unit="window"):
+        x, target = ids[None, :-1], ids[1:]
+        ref_logp = None
+        for model, views in groups:
+            raw = model(input_ids=x.to(next(model.parameters()).device), use_cache=False).logits[0].float().cpu()
+            for name, temperature in views:
+                logp = F.log_softmax(raw / temperature, dim=-1)
+                p = logp.exp()
+                conf, pred = p.max(-1)
+                if ref_logp is None:
+                    ref_logp, ref_p, ref_pred = logp, p, pred
+                p_target = p.gather(-1, target[:, None])[:, 0]
+                for key, value in (("conf", conf), ("pred", pred), ("correct", pred == target),
+                                   ("nll", -logp.gather(-1, target[:, None])[:, 0]),
+                                   # multiclass Brier over the vocabulary: sum_c p_c^2 - 2 p_y + 1
+                                   ("brier", (p * p).sum(-1) - 2 * p_target + 1),
+                                   ("kl", (ref_p * (ref_logp - logp)).sum(-1)), ("agree", pred == ref_pred)):
+                    acc[name][key].append(value)
+    cluster = np.repeat(np.arange(len(windows)), [len(w) - 1 for w in windows])
+    out = {}
+    for name, a in acc.items():
+        t = {k: torch.cat(v).numpy() for k, v in a.items()}
+        out[name] = Predictions(t["conf"].astype(np.float64), t["correct"], t["pred"], cluster,
+                                {"nll": t["nll"], "brier": t["brier"], "kl_to_reference": t["kl"],
+                                 "top1_agreement": t["agree"].astype(np.float64)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# MMLU letter scoring
+# ----------------------------------------------------------------------------------------------
+
+def stratified_items(items: list[MCItem], per_subject: int, seed: int) -> list[MCItem]:
+    """`per_subject` items of every subject, chosen by a seeded hash (stable across runs and machines)."""
+    by_subject: dict[str, list[MCItem]] = {}
+    for it in items:
+        by_subject.setdefault(it.subject, []).append(it)
+    key = lambda it: hashlib.sha1(f"{seed}:{it.item_id}".encode()).hexdigest()  # noqa: E731
+    return [it for subj in sorted(by_subject) for it in sorted(by_subject[subj], key=key)[:per_subject]]
+
+
+def mmlu_prompt(item: MCItem, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> str:
+    subject = item.subject.replace("_", " ")
+    body = (f"The following is a multiple choice question about {subject}.\n\n{item.question}\n"
+            + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(item.choices))
+            + "Answer with the letter of the correct option.")
+    if chat_template and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                             add_generation_prompt=True)
+    return body + "\nAnswer:"
+
+
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[int]:
+    """Token id of each answer letter as it would follow the prompt."""
+    ids = []
+    for letter in LETTERS:
+        toks = tokenizer.encode(letter if chat_template else f" {letter}", add_special_tokens=False)
+        if len(toks) != 1:
+            raise CalqError(f"the tokenizer splits answer letter {letter!r} into {len(toks)} tokens; "
+                            "MMLU letter scoring needs single-token letters (set evaluation.mmlu: null)")
+        ids.append(toks[0])
+    return ids
+
+
+@torch.inference_mode()
+def mmlu_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
+               cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+    """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
+    batch from rank (the other rows stay 0), so processes share the work with the same batches."""
+    letters = letter_token_ids(tokenizer, cfg.chat_template)
+    encoded = [tokenizer(mmlu_prompt(it, tokenizer, cfg.chat_template), add_special_tokens=False)["input_ids"]
+               for it in items]
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    probs = {name: np.zeros((len(items), len(LETTERS))) for name in models}
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][shard[0]::shard[1]]
+    groups = forward_groups(models)
+    for batch in tqdm(batches, desc="eval mmlu", unit="batch"):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: the answer position is the last column
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        for model, views in groups:
+            dev = next(model.parameters()).device
+            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
+            z = out.logits[:, -1, letters].float().cpu()
+            for name, temperature in views:
+                probs[name][batch] = (z / temperature).softmax(-1).numpy()
+    return probs
+
+
+def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
+                 cfg: MMLUConfig) -> dict[str, Predictions]:
+    """Per-item predictions of every model on `items` (letter probabilities renormalized over A-D)."""
+    return mmlu_predictions(mmlu_probabilities(models, tokenizer, items, cfg), items)
+
+
+def mmlu_predictions(probs: dict[str, np.ndarray], items: list[MCItem]) -> dict[str, Predictions]:
+    labels = np.array([it.answer for it in items])
+    rows = np.arange(len(items))
+    out = {}
+    for name, p in probs.items():
+        p_true = p[rows, labels]
+        out[name] = Predictions(p.max(1), p.argmax(1) == labels, p.argmax(1), rows,
+                                {"nll": -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0)),
+                                 "brier": (p * p).sum(1) - 2 * p_true + 1})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduction: metrics with bootstrap intervals
+# ----------------------------------------------------------------------------------------------
+
+def _reduce_kind(preds: dict[str, Predictions], cfg: EvalConfig, reference: str, perplexity: bool
+                 ) -> dict[str, tuple[dict[str, float], dict[str, Estimate], dict[str, dict[str, Estimate]]]]:
+    """(points, intervals, changes vs reference) per model. All models share one set of resamples."""
+    cluster = preds[reference].cluster
+    for name, p in preds.items():
+        if not np.array_equal(p.cluster, cluster):
+            raise ValueError(f"{name!r} was evaluated on other items than {reference!r}; paired intervals need the same")
+    kw = dict(n_bins=cfg.ece_bins, threshold=cfg.selective_threshold)
+    points = {name: metrics.summarize(p.confidence, p.correct, means=p.values, **kw) for name, p in preds.items()}
+    chunks: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in preds}
+    for w in metrics.cluster_resamples(cluster, cfg.bootstrap.resamples, cfg.bootstrap.seed):
+        for name, p in preds.items():
+            chunks[name].append(metrics.summarize_batched(p.confidence, p.correct, w, means=p.values, **kw))
+    samples = {name: {k: np.concatenate([c[k] for c in cs]) for k in cs[0] if k != "n"} for name, cs in chunks.items()}
+    if perplexity:
+        for name in preds:
+            points[name]["perplexity"] = float(np.exp(points[name]["nll"]))
+            samples[name]["perplexity"] = np.exp(samples[name]["nll"])
+    alpha = 1 - cfg.bootstrap.level
+
+    def estimate(value: float, resampled: np.ndarray) -> Estimate:
+        return Estimate(float(value), *metrics.percentile_interval(resampled, alpha))
+
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name in preds:
+            pt, sm, ref_pt, ref_sm = points[name], samples[name], points[reference], samples[reference]
+            intervals = {k: estimate(pt[k], sm[k]) for k in sm}
+            changes = {} if name == reference else {
+                k: {"difference": estimate(pt[k] - ref_pt[k], sm[k] - ref_sm[k]),
+                    "ratio": estimate(np.divide(pt[k], ref_pt[k]), sm[k] / ref_sm[k])} for k in sm}
+            out[name] = (pt, intervals, changes)
+    return out
+
+
+def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, reference: str) -> dict[str, ModelEval]:
+    """Metrics of every model from collected predictions ({"text": {model: ...}, "mmlu": {model: ...}})."""
+    names = list(predictions["text"])
+    results = {name: ModelEval() for name in names}
+    for kind, section in (("text", "text"), ("mmlu", "mmlu")):
+        if kind not in predictions:
+            continue
+        for name, (points, intervals, changes) in _reduce_kind(predictions[kind], cfg, reference,
+                                                                perplexity=kind == "text").items():
+            r = results[name]
+            setattr(r, section, points)
+            r.intervals.update({f"{section}.{k}": v for k, v in intervals.items()})
+            r.vs_reference.update({f"{section}.{k}": v for k, v in changes.items()})
+    for name, r in results.items():
+        r.token_predictions = predictions["text"][name]
+        if "mmlu" in predictions:
+            r.mmlu_predictions = predictions["mmlu"][name]
+            counts = Counter(LETTERS[i] for i in r.mmlu_predictions.prediction)
+            r.answer_distribution = {letter: counts.get(letter, 0) for letter in LETTERS}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage's verb
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(models: Models, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
+             reference: str) -> dict[str, ModelEval]:
+    """Evaluate every model on the same held-out data; KL, agreement and the paired changes are against
+    `reference`. Every metric comes with a bootstrap interval (see `reduce`)."""
+    if reference not in models:
+        raise ValueError(f"reference model {reference!r} is not among {sorted(models)}")
+    predictions = {"text": collect_text(models, eval_windows(tokenizer, cfg.text), reference)}
+    if cfg.mmlu is not None:
+        items = stratified_items(load_mmlu("report"), cfg.mmlu.per_subject, cfg.mmlu.seed)
+        predictions["mmlu"] = collect_mmlu(models, tokenizer, items, cfg.mmlu)
+    return reduce(predictions, cfg, reference)

@@ -1,0 +1,116 @@
+"""report.json (everything, machine-readable) and report.md (the side-by-side table people read)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quant.confidence.bands import markdown as bands_markdown
+from quant.confidence.lens import markdown as lens_markdown
+from quant.files import write_text_atomic
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _interval(e: dict, key: str, digits: int = 4) -> str:
+    """`point [low, high]` from the evaluation's bootstrap intervals (the point alone when there is none)."""
+    est = e.get("intervals", {}).get(key)
+    section, _, name = key.partition(".")
+    if est is None:
+        return _fmt(e[section].get(name), digits)
+    return f"{est['value']:.{digits}f} [{est['low']:.{digits}f}, {est['high']:.{digits}f}]"
+
+
+def _recalibration(report: dict) -> list[str]:
+    ev = report["evaluation"]
+    lines = ["", "## Re-calibration (temperature folded into the final norm)",
+             "The saved checkpoint of each variant is its re-calibrated copy (`calq_temperature` in the safetensors "
+             "metadata); gates check it. ECE with 95% bootstrap intervals, before -> after.", "",
+             "| variant | method | T | fit positions | token ECE before | token ECE after | MMLU ECE before "
+             "| MMLU ECE after |", "|---|---|---|---|---|---|---|---|"]
+    for name, fit in report["recalibration"].items():
+        before, after = ev[name], ev[fit["variant"]]
+        mmlu = [_interval(e, "mmlu.ece") if e["mmlu"] else "-" for e in (before, after)]
+        lines.append(f"| {name} | {fit['method']} | {fit['temperature']:.3f} | {fit['positions']} | "
+                     f"{_interval(before, 'text.ece')} | {_interval(after, 'text.ece')} | {mmlu[0]} | {mmlu[1]} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    ev = report["evaluation"]
+    ref = ev[report["reference"]]
+    at = report["recipe"]["evaluation"].get("selective_threshold", 0.75)
+    rows = [
+        ("perplexity", lambda e: _interval(e, "text.perplexity", 3), 0),
+        ("perplexity vs fp", lambda e: f"{100 * (e['text']['perplexity'] / ref['text']['perplexity'] - 1):+.1f}%", 0),
+        ("token top-1 accuracy", lambda e: _interval(e, "text.accuracy"), 0),
+        ("token mean confidence", lambda e: e["text"]["mean_confidence"], 4),
+        ("token ECE (15 bins)", lambda e: _interval(e, "text.ece"), 0),
+        ("token ECE (equal-mass)", lambda e: _interval(e, "text.ece_mass"), 0),
+        ("token MCE", lambda e: _interval(e, "text.mce"), 0),
+        ("token Brier", lambda e: _interval(e, "text.brier"), 0),
+        ("token NLL", lambda e: _interval(e, "text.nll"), 0),
+        ("token AUROC (right vs wrong)", lambda e: _interval(e, "text.auroc"), 0),
+        ("token AURC", lambda e: _interval(e, "text.aurc"), 0),
+        (f"token accuracy at confidence >= {at}", lambda e: _interval(e, "text.selective_accuracy"), 0),
+        (f"token coverage at confidence >= {at}", lambda e: _interval(e, "text.selective_coverage"), 0),
+        ("KL to fp (nats/token)", lambda e: e["text"]["kl_to_reference"], 4),
+        ("top-1 agreement with fp", lambda e: e["text"]["top1_agreement"], 4),
+        ("MMLU accuracy", lambda e: _interval(e, "mmlu.accuracy") if e["mmlu"] else None, 0),
+        ("MMLU ECE", lambda e: _interval(e, "mmlu.ece") if e["mmlu"] else None, 0),
+        ("MMLU ECE (equal-mass)", lambda e: _interval(e, "mmlu.ece_mass") if e["mmlu"] else None, 0),
+        ("MMLU Brier", lambda e: _interval(e, "mmlu.brier") if e["mmlu"] else None, 0),
+        ("MMLU NLL", lambda e: _interval(e, "mmlu.nll") if e["mmlu"] else None, 0),
+        ("MMLU AUROC", lambda e: _interval(e, "mmlu.auroc") if e["mmlu"] else None, 0),
+        ("MMLU AURC", lambda e: _interval(e, "mmlu.aurc") if e["mmlu"] else None, 0),
+        (f"MMLU accuracy at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_accuracy") if e["mmlu"] else None, 0),
+        (f"MMLU coverage at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_coverage") if e["mmlu"] else None, 0),
+        ("MMLU answers A/B/C/D", lambda e: "/".join(str(v) for v in e["answer_distribution"].values()) or None, 0),
+        ("temperature (re-calibration)", lambda e: e.get("temperature"), 3),
+        ("weights (MB)", lambda e: e["size_mb"], 1),
+        ("linear layers quantized / kept", lambda e: f"{e['layers_quantized']} / {e['layers_kept']}", 0),
+    ]
+    names = list(ev)
+    lines = [f"# calq report: {report['recipe']['name']}", "",
+             f"Model `{report['recipe']['model']['source']}`; {report['evaluation_setup']}.", "",
+             "Every calibration metric with its 95% bootstrap interval [low, high] (text: whole windows resampled; "
+             "MMLU: items).", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, get, digits in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(get(ev[n]), digits) for n in names) + " |")
+    cal = report["calibration"]
+    d = cal["diversity"]
+    lines += ["", "## Calibration samples",
+              f"{sum(cal['per_source'].values())} samples from a pool of {cal['pool_size']} windows "
+              f"({cal['duplicates_removed']} exact/near duplicates removed); per source: "
+              + ", ".join(f"{k} {v}" for k, v in cal["per_source"].items()) + ".",
+              f"Diversity (TF-IDF/LSA space): mean pairwise distance {d['mean_pairwise_distance']:.3f} "
+              f"(random selection: {d['random_mean_pairwise_distance']:.3f}); coverage radius "
+              f"{d['coverage_radius']:.3f} (random: {d['random_coverage_radius']:.3f}; lower is better)."]
+    kept = {n: e["kept"] for n, e in ev.items() if e.get("kept")}
+    if kept:
+        lines += ["", "## Layers kept in full precision"]
+        for n, layers in kept.items():
+            lines.append(f"- {n}: " + ", ".join(f"{k} ({v})" for k, v in layers.items()))
+    if report.get("recalibration"):
+        lines += _recalibration(report)
+    if report["gates"]["results"]:
+        lines += ["", f"## Gate: {'PASS' if report['gates']['passed'] else 'FAIL'}", report["gates"]["markdown"]]
+    if report.get("logit_lens"):
+        lines += ["", f"## Layer-wise calibration (logit lens, {report['logit_lens']['tokens']} tokens; layerwise.png)",
+                  lens_markdown(report["logit_lens"])]
+    for kind, tables in report.get("confidence_bands", {}).items():
+        lines += ["", f"## Confidence bands ({kind})", bands_markdown(tables, "tokens" if kind == "token" else "items")]
+    lines += ["", "## Timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    write_text_atomic(Path(run_dir) / "report.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(Path(run_dir) / "report.md", markdown(report))

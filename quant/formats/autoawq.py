@@ -1,0 +1,55 @@
+"""AutoAWQ GEMM export (transformers with AutoAWQ / GPTQModel, vLLM): qweight (K, N/8), qzeros (K/g, N/8) int32 and
+scales (K/g, N) per layer, packed in AutoAWQ's nibble order."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import calq_kernels as kernels
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from quant.errors import CalqError
+from quant.formats.checkpoint import WEIGHTS
+from quant.formats.source import ExportSource
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+"""AutoAWQ GEMM packing: nibble i of an int32 word holds output column 8 * word + AWQ_ORDER[i]."""
+
+
+def pack_awq(codes: Tensor) -> Tensor:
+    """(rows, cols) codes in 0..15 -> int32 (rows, cols / 8) in AutoAWQ's GEMM order."""
+    rows, cols = codes.shape
+    words = codes.to(torch.int64).view(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]
+    packed = (words << torch.arange(0, 32, 4)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
+    """qweight (K, N/8), qzeros (K/g, N/8) int32 and scales (K/g, N) per layer: what AutoAWQ's WQLinear_GEMM loads."""
+    w = src.info.spec.weights
+    group = src.whole_groups("awq")
+    if w.num_bits != 4 or group is None:
+        raise CalqError(f"AWQ's GEMM format is group-wise int4; {src.info.spec.name!r} is W{w.num_bits} with one scale "
+                        "per output channel: use --format compressed-tensors or gguf")
+    state = src.fp_state(dtype)
+    for name, q in src.quantized.items():
+        if q.out_features % 8:
+            raise CalqError(f"awq packs 8 output columns per int32, but {name} has {q.out_features} outputs; "
+                            "use --format compressed-tensors or gguf")
+        codes = kernels.unpack_int4(q.qweight, q.in_features)
+        state[f"{name}.qweight"] = pack_awq(codes.t().contiguous())
+        state[f"{name}.qzeros"] = pack_awq(q.zeros.t().contiguous())
+        state[f"{name}.scales"] = q.scales.t().to(dtype).contiguous()
+        if q.bias is not None:
+            state[f"{name}.bias"] = q.bias.to(dtype).contiguous()
+    save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+    config = copy.deepcopy(src.model.config)
+    config.dtype = dtype
+    config.calq = src.calq
+    config.quantization_config = {
+        "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
+        "modules_to_not_convert": src.kept or None}
+    config.save_pretrained(out)

@@ -1,0 +1,60 @@
+"""Export a calq checkpoint to formats other runtimes load: compressed-tensors (vLLM, transformers), AutoAWQ GEMM
+(transformers, AutoAWQ, vLLM) and GGUF (llama.cpp), one module each.
+
+Every export starts from the hash-checked calq checkpoint (formats.source), is written to a temporary directory
+renamed into place at the end (an interrupted export leaves nothing that looks complete), ends with a manifest of
+hashes, and carries the fitted temperature and the run's gate verdict for that variant (config.json `calq`, GGUF
+`calq.*`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from quant.files import atomic_path
+from quant.formats import autoawq, compressed_tensors, gguf
+from quant.formats.checkpoint import write_manifest
+from quant.formats.source import ExportSource
+from quant.schema import StrictModel
+
+log = logging.getLogger(__name__)
+
+Format = Literal["compressed-tensors", "awq", "gguf"]
+WRITERS = {"compressed-tensors": compressed_tensors.write, "awq": autoawq.write, "gguf": gguf.write}
+
+
+class ExportConfig(StrictModel):
+    format: Format
+    variant: str | None = None
+    """Which quantized variant of a run directory (not needed for a model directory or a one-variant run)."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Float dtype of scales and of the layers kept in full precision (runtimes' kernels want 16-bit)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    format: Format
+    weight_bytes: int
+    """Bytes of the weight files (safetensors or GGUF) as written."""
+
+
+def export(source: str | Path, config: ExportConfig, out: str | Path) -> ExportResult:
+    """Write the checkpoint at `source` (a run or model directory) to `out` in `config.format`, atomically."""
+    src = ExportSource.open(Path(source), config.variant)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        WRITERS[config.format](src, getattr(torch, config.dtype), tmp)
+        if config.format != "gguf":
+            src.tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, config.format, calq=src.calq)
+    weights = [p for p in out.iterdir() if p.suffix in (".safetensors", ".gguf")]
+    result = ExportResult(out, config.format, sum(p.stat().st_size for p in weights))
+    log.info("exported %s as %s to %s (%.1f MB)", src.info.spec.name, config.format, out, result.weight_bytes / 2**20)
+    return result

@@ -1,0 +1,162 @@
+"""GGUF export (llama.cpp): calq's own codes and scales written into llama.cpp's blocks, the tokenizer with the
+pre-tokenizer name llama.cpp splits text with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import calq_kernels as kernels
+import numpy as np
+import torch
+from torch import Tensor
+
+from quant.errors import CalqError
+from quant.formats.source import ExportSource
+from quant.methods import QuantLinear
+
+
+def _permute_rope(w: Tensor | np.ndarray, heads: int) -> Tensor | np.ndarray:
+    """Hugging Face's rotary layout -> llama.cpp's (interleaved pairs), as llama.cpp's converter does for q and k:
+    a permutation of rows (output features)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_BLOCK = 32
+"""llama.cpp's Q8_0, Q4_0 and Q4_1 blocks: 32 weights along the input with one float16 scale (Q4_1: and a min)."""
+
+
+def _gguf_blocks(name: str, q: QuantLinear) -> tuple[np.ndarray, object]:
+    """Our codes and scales written straight into llama.cpp blocks, row by row: W8 as Q8_0, symmetric W4 as Q4_0,
+    asymmetric W4 as Q4_1 (scale d, min -zero * scale). Exact up to the blocks' float16 scales, for any group size
+    that is a whole number of blocks; re-quantizing our dequantized weights instead rounds a second time (g64 into
+    32-wide Q4_1 blocks changed SmolLM2's top-1 token at 30% of positions)."""
+    import gguf
+
+    n, k = q.out_features, q.in_features
+    group = q.weights.group_size or k
+    if k % GGUF_BLOCK or group % GGUF_BLOCK:
+        raise CalqError(f"{name} has {k} inputs in groups of {group}; llama.cpp stores whole blocks of {GGUF_BLOCK}: "
+                        f"quantize with a group_size that is a multiple of {GGUF_BLOCK}, or use --format "
+                        "compressed-tensors")
+    blocks = k // GGUF_BLOCK
+
+    def per_block(t: Tensor) -> np.ndarray:  # (n, groups) -> float16 bytes (n, blocks, 2)
+        t = t.float().reshape(n, -1).repeat_interleave(group // GGUF_BLOCK, 1)[:, :blocks]
+        return t.half().numpy().view(np.uint8).reshape(n, blocks, 2)
+
+    if q.weights.num_bits == 8:
+        codes = q.qweight.numpy().view(np.uint8).reshape(n, blocks, GGUF_BLOCK)
+        parts, qtype = [per_block(q.scales), codes], gguf.GGMLQuantizationType.Q8_0
+    else:  # a block's byte j holds weight j (low nibble) and weight j + 16 (high nibble)
+        codes = kernels.unpack_int4(q.qweight, k).numpy().reshape(n, blocks, 2, GGUF_BLOCK // 2)
+        nibbles = codes[..., 0, :] | (codes[..., 1, :] << 4)
+        if q.weights.symmetric:  # our symmetric zero point is 8, Q4_0's too
+            parts, qtype = [per_block(q.scales), nibbles], gguf.GGMLQuantizationType.Q4_0
+        else:
+            parts, qtype = ([per_block(q.scales), per_block(-q.zeros.float() * q.scales.float()), nibbles],
+                            gguf.GGMLQuantizationType.Q4_1)
+    return np.concatenate(parts, axis=-1).reshape(n, -1), qtype
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def gguf_pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre, see its llama-vocab.cpp) for the tokenizer's pre-tokenizer: it picks
+    the regex llama.cpp splits text with before BPE, so a wrong name tokenizes prompts differently."""
+    pre = json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"] or {"type": "none"}
+    steps = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+    shape = [step["type"] for step in steps]
+    if shape == ["ByteLevel"] and steps[0]["use_regex"]:
+        return "gpt-2"
+    if shape == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and steps[1]["use_regex"]:
+        return "smollm"
+    if (shape == ["Split", "ByteLevel"] and steps[0]["pattern"].get("Regex") == LLAMA3_SPLIT
+            and not steps[1]["use_regex"]):
+        return "llama-bpe"
+    raise CalqError(f"GGUF export knows no llama.cpp pre-tokenizer for this tokenizer's {' + '.join(shape)}; "
+                    "export to compressed-tensors instead, or convert with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _gguf_vocab(writer, tokenizer, directory: Path) -> None:
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    special = {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
+    added = set(tokenizer.get_added_vocab().values())
+    tokens, types = [], []
+    for i in range(len(tokenizer)):
+        tokens.append(tokenizer.convert_ids_to_tokens(i))
+        types.append(gguf.TokenType.CONTROL if i in special else
+                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    if len(vocab) != len(tokens):
+        raise CalqError(f"tokenizer ids are not contiguous ({len(vocab)} tokens, {len(tokens)} ids); "
+                        "GGUF needs one token per id")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(directory, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
+    """A llama-architecture GGUF: quantized layers as our own codes in llama.cpp blocks (see _gguf_blocks); norms
+    F32, other full-precision tensors in `dtype`."""
+    import gguf
+
+    cfg = src.model.config
+    if cfg.model_type != "llama":
+        raise CalqError(f"GGUF export writes the llama architecture; this model is {cfg.model_type!r}: "
+                        "use --format compressed-tensors")
+    bits, sym = src.info.spec.weights.num_bits, src.info.spec.weights.symmetric
+    float_type = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
+                  torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(out / "model.gguf", "llama")
+    writer.add_name(src.info.spec.name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if bits == 8 else
+                         gguf.LlamaFileType.MOSTLY_Q4_0 if sym else gguf.LlamaFileType.MOSTLY_Q4_1)
+    writer.add_string("calq.spec", json.dumps(src.calq["spec"]))
+    if src.calq["temperature"] is not None:
+        writer.add_float32("calq.temperature", src.calq["temperature"])
+    if src.calq["gate"] is not None:
+        writer.add_string("calq.gate", json.dumps(src.calq["gate"]))
+    _gguf_vocab(writer, src.tokenizer, src.directory)
+
+    quantized = src.quantized
+    tensors: dict[str, Tensor | QuantLinear] = {f"{n}.weight": q for n, q in quantized.items()}
+    tensors.update({f"{n}.bias": q.bias.float() for n, q in quantized.items() if q.bias is not None})
+    tensors.update(src.fp_state(torch.float32))
+    for hf_name, w in tensors.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise CalqError(f"GGUF export has no llama.cpp name for tensor {hf_name}; use --format compressed-tensors")
+        if isinstance(w, QuantLinear):
+            data, raw_dtype = _gguf_blocks(hf_name.rpartition(".")[0], w)
+        elif w.ndim == 1 or float_type == gguf.GGMLQuantizationType.F32:
+            data, raw_dtype = w.float().numpy(), None
+        else:
+            data, raw_dtype = gguf.quants.quantize(w.float().numpy(), float_type), float_type
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            data = _permute_rope(data, heads if "q_proj" in hf_name else kv_heads)  # rows, so packed blocks too
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()

@@ -1,0 +1,137 @@
+"""The shared quantizer: every method ends here. It takes schemes, not a method: a method's transform (SmoothQuant,
+AWQ) has already changed the float weights, or its codes (GPTQ) are handed in.
+
+The quantized linear calls the kernels, which run Triton on CUDA and a torch path on CPU.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import calq_kernels as kernels
+import torch
+from torch import Tensor, nn
+
+from quant.calibrate.stats import LayerStats
+from quant.errors import CalqError
+from quant.methods.schemes import ActScheme, Codes, WeightScheme, quantize_weight
+
+IGNORED = "ignored by recipe"
+"""The reason a linear matched by `ignore` stays in full precision (shown in the report)."""
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with int4 (packed, group-wise) or int8 (per-channel) weights.
+
+    int8 weights run W8A8 when `activations` is set (dynamic per-token or static per-tensor int8
+    activations), else W8A16. Buffers are what checkpoints store; forward calls the kernels.
+    """
+
+    def __init__(self, in_features: int, out_features: int, weights: WeightScheme, activations: ActScheme | None,
+                 bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weights, self.activations = weights, activations
+        groups = 1 if weights.group_size is None else -(-in_features // weights.group_size)
+        if weights.num_bits == 4:
+            self.register_buffer("qweight", torch.zeros(out_features, -(-in_features // 8), dtype=torch.int32))
+            self.register_buffer("scales", torch.zeros(out_features, groups, dtype=dtype))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32))
+        static = activations is not None and not activations.dynamic
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if static else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @property
+    def act_mode(self) -> str | None:
+        return self.activations.mode if self.activations is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weights: WeightScheme, activations: ActScheme | None = None,
+                    act_absmax: Tensor | None = None, codes: Codes | None = None) -> QuantLinear:
+        """Round the linear's weight (min-max), or store `codes` a method chose for it."""
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, weights, activations, linear.bias is not None, w.dtype)
+        mod.to(w.device)
+        if codes is not None and codes.q.shape != w.shape:
+            raise ValueError(f"codes of shape {tuple(codes.q.shape)} for a weight of shape {tuple(w.shape)}")
+        q, scale, zero = (codes.q, codes.scale, codes.zero) if codes is not None else quantize_weight(w, weights)
+        if weights.num_bits == 4:
+            mod.qweight.copy_(kernels.pack_int4(q.to(torch.uint8)))
+            mod.scales.copy_(scale.to(w.dtype))
+            mod.zeros.copy_(zero.to(torch.uint8))
+        else:
+            mod.qweight.copy_(q.to(torch.int8))
+            mod.scales.copy_(scale[:, 0])
+        if mod.act_scale is not None:
+            if act_absmax is None:
+                raise ValueError("static activation quantization needs activation statistics for this layer")
+            mod.act_scale.fill_(float(act_absmax.max().clamp(min=1e-8)) / 127)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weights.num_bits == 4:
+            return kernels.int4_linear(x, self.qweight, self.scales, self.zeros,
+                                       self.weights.group_size or self.in_features, self.bias)
+        return kernels.int8_linear(x, self.qweight, self.scales, self.bias, act=self.act_mode or "none",
+                                   act_scale=self.act_scale)
+
+    def extra_repr(self) -> str:
+        act = f"A8-{self.act_mode}" if self.activations else "A16"
+        return (f"{self.in_features}, {self.out_features}, W{self.weights.num_bits} "
+                f"g{self.weights.group_size or 'channel'} {'sym' if self.weights.symmetric else 'asym'} {act}")
+
+
+def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a module is kept in full precision by `ignore` fnmatch patterns."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+@dataclass
+class Quantized:
+    """Which linears a quantizer call replaced, and which it kept in full precision (with the reason)."""
+
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def add(self, other: Quantized) -> None:
+        self.quantized += other.quantized
+        self.kept.update(other.kept)
+
+
+@torch.no_grad()
+def quantize_linears(module: nn.Module, weights: WeightScheme, activations: ActScheme | None,
+                     ignore: tuple[str, ...], stats: Mapping[str, LayerStats] | None = None,
+                     codes: Mapping[str, Codes] | None = None, prefix: str = "",
+                     skip: str | None = None) -> Quantized:
+    """Replace, in place, every nn.Linear inside `module` (named `prefix`) by a QuantLinear: rounded min-max, or
+    the `codes` a method chose. Linears matching `ignore` stay in full precision; names under `skip` are left
+    alone (the decoder layers, when the walk quantized them already). Static activation scales come from `stats`."""
+    codes = codes or {}
+    static = activations is not None and not activations.dynamic
+    done = Quantized()
+    linears = [(f"{prefix}.{n}" if prefix and n else prefix or n, n, m) for n, m in module.named_modules()
+               if isinstance(m, nn.Linear)]
+    for name, rel, linear in linears:
+        if skip is not None and name.startswith(skip):
+            continue
+        if is_ignored(name, ignore):
+            done.kept[name] = IGNORED
+            continue
+        absmax = None
+        if static:
+            if stats is None or name not in stats:
+                raise CalqError(f"{name} uses a static activation scale but has no activation statistics; "
+                                "collect statistics on the same model first")
+            absmax = stats[name].absmax
+        parent, _, child = rel.rpartition(".")
+        module.get_submodule(parent).register_module(
+            child, QuantLinear.from_linear(linear, weights, activations, absmax, codes.get(name)))
+        done.quantized.append(name)
+    return done

