@@ -11,7 +11,7 @@ and prints time, speedup over fp16, achieved bandwidth (the kernel's minimum byt
 and writes them to a CSV (--out). With --peak-gbps it also prints the bytes floor time and the share of it.
 
 --e2e: decode tokens/s of a local Hugging Face causal LM (--model) in float16, and with every nn.Linear but the
-output head swapped for a wrapper calling int4_linear (w4a16) or int8_linear (w8a8).
+output head quantized by calq's own quantizer (QuantLinear: int4_linear for w4a16, int8_linear for w8a8).
 
     python benchmarks/bench_kernels.py --out runs/bench_kernels.csv
     python benchmarks/bench_kernels.py --e2e --model /path/to/llama --new-tokens 128 [--static-cache]
@@ -21,7 +21,6 @@ output head swapped for a wrapper calling int4_linear (w4a16) or int8_linear (w8
 import argparse
 import csv
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -31,17 +30,8 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import (  # noqa: E402
-    int4_linear,
-    int4_linear_ref,
-    int8_linear,
-    int8_linear_ref,
-    pack_int4,
-    quantize_per_token,
-    quantize_per_token_ref,
-)
+from calq_kernels import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref, quantize_per_token, quantize_per_token_ref
+from quant.methods import ActScheme, QuantLinear, WeightScheme, quantize_linears
 
 MS = (1, 16, 128, 1024, 4096)
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))  # (N, K)
@@ -49,28 +39,15 @@ GROUP_SIZE = 128
 KERNELS = ("fp16", "w4a16", "w8a8", "int_mm_kn", "int_mm_nk_t")
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Min-max asymmetric int4 per group of group_size columns, the last group possibly shorter.
-
-    Returns qweight (pack_int4), scales float16 and zeros uint8, both (N, G)."""
-    n, k = w.shape
-    groups = math.ceil(k / group_size)
-    w = w.float()
-    # Repeat the last column into the padding: it changes no group's min or max.
-    padded = torch.cat([w, w[:, -1:].expand(n, groups * group_size - k)], dim=1).view(n, groups, group_size)
-    lo = padded.amin(-1).clamp(max=0)
-    hi = padded.amax(-1).clamp(min=0)
-    scales = ((hi - lo) / 15).clamp(min=1e-8)
-    zeros = torch.round(-lo / scales).clamp(0, 15)
-    column_group = torch.arange(k, device=w.device) // group_size
-    q = (torch.round(w / scales[:, column_group]) + zeros[:, column_group]).clamp(0, 15)
-    return pack_int4(q.to(torch.uint8)), scales.half(), zeros.to(torch.uint8)
+W4 = WeightScheme(num_bits=4, group_size=GROUP_SIZE, symmetric=False)
+W8 = WeightScheme(num_bits=8)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: qweight (N, K) int8 and w_scale (N,) float32."""
-    w_scale = w.float().abs().amax(1).clamp(min=1e-8) / 127
-    return torch.round(w.float() / w_scale[:, None]).clamp(-127, 127).to(torch.int8), w_scale
+def quantized(w: torch.Tensor, scheme: WeightScheme) -> QuantLinear:
+    """calq's own quantized linear of weight w (min-max), as the quantized model holds it."""
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    linear.weight.data.copy_(w)
+    return QuantLinear.from_linear(linear, scheme)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -96,8 +73,9 @@ def check(name: str, error: float, tolerance: float) -> None:
 
 def bench_shape(n: int, k: int, ms: tuple[int, ...], args) -> list[dict]:
     w = torch.randn(n, k, device="cuda", dtype=torch.float16) / math.sqrt(k)
-    qweight4, scales, zeros = quantize_int4(w, GROUP_SIZE)
-    qweight8, w_scale = quantize_int8(w)
+    q4, q8 = quantized(w, W4), quantized(w, W8)
+    qweight4, scales, zeros = q4.qweight, q4.scales, q4.zeros
+    qweight8, w_scale = q8.qweight, q8.scales
     qweight8_kn = qweight8.t().contiguous()
     rows = []
     for m in ms:
@@ -155,49 +133,11 @@ def print_table(rows: list[dict], peak_gbps: float | None) -> None:
         print(line)
 
 
-class Int4Linear(nn.Module):
-    """nn.Linear replacement holding int4 weights (min-max, asymmetric, per group) and calling int4_linear."""
-
-    def __init__(self, linear: nn.Linear, group_size: int):
-        super().__init__()
-        self.group_size = group_size
-        qweight, scales, zeros = quantize_int4(linear.weight.data, group_size)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zeros", zeros)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
-
-
-class Int8Linear(nn.Module):
-    """nn.Linear replacement holding int8 weights (per-channel, symmetric) and calling int8_linear (W8A8 dynamic)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        qweight, w_scale = quantize_int8(linear.weight.data)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("w_scale", w_scale)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.qweight, self.w_scale, self.bias, act="dynamic")
-
-
 def swap_linears(model: nn.Module, variant: str) -> int:
-    """Replace every nn.Linear except the output head by the variant's wrapper; return how many were swapped."""
-    head = model.get_output_embeddings()
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    swapped = 0
-    for name, linear in targets:
-        if linear is head:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        wrapper = Int4Linear(linear, GROUP_SIZE) if variant == "w4a16" else Int8Linear(linear)
-        setattr(model.get_submodule(parent_name), child, wrapper)
-        swapped += 1
-    return swapped
+    """Quantize every nn.Linear except the output head with calq's quantizer (min-max); return how many."""
+    weights, acts = (W4, None) if variant == "w4a16" else (W8, ActScheme(dynamic=True))
+    ignore = tuple(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    return len(quantize_linears(model, weights, acts, ignore).quantized)
 
 
 def decode_tokens_per_s(model, input_ids: torch.Tensor, new_tokens: int, static_cache: bool) -> tuple[float, list]:

@@ -29,13 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from quant.awq import AWQConfig
-from quant.cache import write_text_atomic
-from quant.methods import QuantSpec, quantize_variant
+from quant.calibrate import ActivationStats, Streamed
+from quant.files import write_text_atomic
+from quant.methods import QuantSpec, quantize_variant, quantize_variants
+from quant.methods.awq import AWQConfig
 from quant.models import ModelConfig, resolve_model_path
-from quant.quantize import WeightScheme
-from quant.sequential import SequentialConfig, calibrate_sequential
-from quant.stats import ActivationStats
 
 CAPPED = 3  # the child's exit code when it passed the memory cap
 LARGE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -58,8 +56,8 @@ def child(args: argparse.Namespace) -> None:
         threading.Thread(target=_watchdog, args=(args.cap_mb,), daemon=True).start()
     source = ModelConfig(source=args.model, dtype=args.dtype)
     samples = list(load_file(args.samples).values())
-    spec = QuantSpec(name="awq", method="awq", weights=WeightScheme(bits=4, group_size=128),
-                     awq=AWQConfig(grid=args.grid, clip_grid=args.clip_grid, max_tokens=args.max_tokens))
+    spec = QuantSpec(name="awq", method="awq", scheme="W4A16_ASYM",
+                     options={"n_grid": args.grid, "clip_grid": args.clip_grid, "max_tokens": args.max_tokens})
     empty = ActivationStats(layers={}, meta={})  # AWQ W4A16 uses no statistics
     cuda = args.device.startswith("cuda")
     t0 = time.perf_counter()
@@ -67,8 +65,7 @@ def child(args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=getattr(torch, args.dtype))
         result = quantize_variant(model.to(args.device), spec, empty, samples)
     else:
-        result = calibrate_sequential(source, samples, [spec], SequentialConfig(device=args.device),
-                                      stats=empty).variants["awq"]
+        result = quantize_variants(Streamed(source, args.device), samples, [spec], empty)[1]["awq"]
     seconds = time.perf_counter() - t0
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()
                if "layers." in k}, args.weights)
@@ -85,7 +82,7 @@ def _samples(args: argparse.Namespace, out: Path) -> Path:
     else:
         from transformers import AutoTokenizer
 
-        from quant.calibration import SelectConfig, select_samples
+        from quant.data import SelectConfig, select_samples
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
         ids = select_samples(tokenizer, SelectConfig()).token_ids  # the default recipe's samples
     save_file({f"{i:05d}": t.contiguous() for i, t in enumerate(ids)}, path)
@@ -122,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     defaults = AWQConfig()
     cheap = args.large  # the 1B search on CPU: fewer grid points and tokens, the same for both paths
-    args.grid = args.grid or (4 if cheap else defaults.grid)
+    args.grid = args.grid or (4 if cheap else defaults.n_grid)
     args.clip_grid = args.clip_grid or (4 if cheap else defaults.clip_grid)
     args.max_tokens = args.max_tokens or (2048 if cheap else defaults.max_tokens)
     if args.path:

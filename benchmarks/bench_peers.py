@@ -31,25 +31,23 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quant.awq import AWQConfig, calibration_subset
-from quant.cache import write_text_atomic
-from quant.compare import COMPARISON
-from quant.evaluate import evaluate
+from quant.calibrate.walker import calibration_subset
+from quant.evaluate import REFERENCE, evaluate
+from quant.files import write_text_atomic
 from quant.methods import QuantSpec, quantize_variant
+from quant.methods.awq import AWQConfig
 from quant.models import load_model, resolve_model_path
-from quant.pipeline import REFERENCE, PeakRSS, calibrate
-from quant.quantize import quantize
-from quant.recipe import load_recipe
+from quant.pipeline import PeakRSS, calibrate
+from quant.recipe import Recipe, load_recipe
 
-SQ = next(spec.smoothquant for spec in COMPARISON if spec.method == "smoothquant")
 W8_OURS = ("w8a8-static-minmax", "w8a8-static-smoothquant", "w8a8-dynamic-smoothquant")
 
 
-def ours(group_size: int) -> dict[str, QuantSpec]:
-    """The `calq compare` variants the peers are measured against, W4 at `group_size` (the peers need
-    it to divide every layer's input width; ours allows a ragged last group)."""
-    specs = {s.name: s for s in COMPARISON if s.name in W8_OURS}
-    for s in COMPARISON:
+def ours(recipe: Recipe, group_size: int) -> dict[str, QuantSpec]:
+    """The `calq compare` variants (recipes/compare.yaml) the peers are measured against, W4 at `group_size` (the
+    peers need it to divide every layer's input width; ours allows a ragged last group)."""
+    specs = {s.name: s for s in recipe.quantize if s.name in W8_OURS}
+    for s in recipe.quantize:
         if s.name in ("w4a16-g128-minmax", "w4a16-g128-awq", "w4a16-g128-gptq"):
             name = s.name.replace("g128", f"g{group_size}")
             specs[name] = s.model_copy(update={"name": name, "weights": s.weights.model_copy(
@@ -108,7 +106,7 @@ def llmc_gptq(group_size: int):
     return run
 
 
-def llmc_sq(static: bool):
+def llmc_sq(static: bool, strength: float):
     def run(model, samples, awq_samples, stats):
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
@@ -118,7 +116,7 @@ def llmc_sq(static: bool):
             scheme = QuantizationScheme(
                 targets=["Linear"], weights=QuantizationArgs(num_bits=8, strategy="channel", symmetric=True),
                 input_activations=QuantizationArgs(num_bits=8, strategy="tensor", symmetric=True, dynamic=False))
-        return _llmc(model, samples, [SmoothQuantModifier(smoothing_strength=SQ.alpha), _quantization(scheme)])
+        return _llmc(model, samples, [SmoothQuantModifier(smoothing_strength=strength), _quantization(scheme)])
     return run
 
 
@@ -131,7 +129,7 @@ def autoawq(source: str, minmax: QuantSpec):
         wrapper.quantize(None, config,
                          calib_data=[s.tolist() for s in awq_samples], export_compatible=True,
                          max_calib_samples=len(awq_samples), max_calib_seq_len=max(len(s) for s in awq_samples))
-        return quantize(wrapper.model.eval(), minmax, stats).model
+        return quantize_variant(wrapper.model.eval(), minmax, stats).model
     return run
 
 
@@ -146,7 +144,7 @@ def _quality(ev, fp_ppl: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("recipe", nargs="?", default="recipes/default.yaml")
+    ap.add_argument("recipe", nargs="?", default="recipes/compare.yaml")
     ap.add_argument("--out", type=Path, default=Path("runs/peers"),
                     help="output directory; its calibration/ and stats/ are reused when fresh, so pointing it at "
                          "a `calq compare` run directory reuses that run's samples and statistics")
@@ -160,9 +158,10 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     args.out.mkdir(parents=True, exist_ok=True)
     g = args.group_size
-    our_specs = ours(g)
+    our_specs = ours(recipe, g)
+    strength = next(s.options["smoothing_strength"] for s in recipe.quantize if s.method == "smoothquant")
     selected = [n for n in [*our_specs, *PEERS] if not args.only or n in args.only]
-    weight_only = all(n in ("llmc-awq", "autoawq", "llmc-gptq") or our_specs[n].activations is None for n in selected)
+    weight_only = all(n in ("llmc-awq", "autoawq", "llmc-gptq") or our_specs[n].input_activations is None for n in selected)
     model, tokenizer = load_model(recipe.model)
     selection, stats = calibrate(recipe, model, tokenizer, args.out, with_stats=not weight_only)
     samples = selection.token_ids
@@ -175,7 +174,7 @@ def main() -> None:
                for n, spec in our_specs.items()},
             "llmc-awq": llmc_awq(g), "llmc-gptq": llmc_gptq(g),
             "autoawq": autoawq(recipe.model.source, our_specs[f"w4a16-g{g}-minmax"]),
-            "llmc-sq-dynamic": llmc_sq(False), "llmc-sq-static": llmc_sq(True)}
+            "llmc-sq-dynamic": llmc_sq(False, strength), "llmc-sq-static": llmc_sq(True, strength)}
     pairs = (("llmc-awq", f"w4a16-g{g}-awq"), ("autoawq", f"w4a16-g{g}-awq"), ("llmc-gptq", f"w4a16-g{g}-gptq"),
              ("llmc-sq-dynamic", "w8a8-dynamic-smoothquant"), ("llmc-sq-static", "w8a8-static-smoothquant"))
     models, rows = {REFERENCE: model}, {REFERENCE: {"variant": REFERENCE}}

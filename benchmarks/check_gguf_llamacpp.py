@@ -12,18 +12,15 @@ Needs llama-cpp-python, which is not a calq dependency and builds llama.cpp from
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant.checkpoint import load  # noqa: E402
-from quant.evaluate import TextEvalConfig, eval_windows  # noqa: E402
-from quant.quantize import QuantLinear  # noqa: E402
+from quant.evaluate.evaluation import TextEvalConfig, eval_windows
+from quant.formats import load
+from quant.methods import QuantLinear
 
 
 def main() -> None:
@@ -48,7 +45,7 @@ def main() -> None:
         compared["calq weights only"] = copy.deepcopy(model)
         for module in compared["calq weights only"].modules():
             if isinstance(module, QuantLinear):
-                module.act_mode = None
+                module.activations = None
     llm = Llama(str(gguf), n_ctx=args.seq_len, n_batch=args.seq_len, logits_all=True, n_threads=args.threads,
                 verbose=False)
     windows = eval_windows(tokenizer, TextEvalConfig(sources=["wikipedia"], windows=args.windows,

@@ -1,30 +1,44 @@
 """calq: calibration-aware post-training quantization for LLMs.
 
 The pipeline, one package per stage, each lower one knowing nothing of those above it:
-  data (sources, select) -> models (load, structure) -> calibrate (capture, stats, walker)
+  data (sources, select) | models (load, structure) -> calibrate (capture, stats, walker)
   -> methods (schemes, quantizer, smoothquant / awq / gptq, table, variant) | confidence (metrics, recalibrate, bands,
   lens) -> evaluate (evaluation, distributed, gate, report, plots) -> formats (checkpoint, exports)
   -> recipe -> pipeline -> compare | ask -> cli.
+
+The names below are imported on first use, so `import quant.methods` loads only what the methods need.
 """
 
-from quant.calibrate import ActivationStats, SequentialConfig, Streamed, collect_stats
-from quant.confidence import (BandConfig, LensConfig, RecalibrateConfig, Tempered, band_table, layer_calibration,
-                              recalibrate)
-from quant.data import SelectConfig, Selection, select_samples
-from quant.errors import CalqError
-from quant.evaluate import REFERENCE, EvalConfig, GateReport, GateRule, ModelEval, check_gates, eval_windows, evaluate
-from quant.formats import ExportConfig, export, load, save_quantized
-from quant.methods import (METHODS, ActScheme, QuantizeResult, QuantLinear, QuantSpec, WeightScheme, quantize_variant,
-                           quantize_variants)
-from quant.models import ModelConfig, load_model
-from quant.pipeline import RunResult, run
-from quant.recipe import Recipe, load_recipe
+import importlib
 
-__all__ = [
-    "METHODS", "REFERENCE", "ActScheme", "ActivationStats", "BandConfig", "CalqError", "EvalConfig", "ExportConfig",
-    "GateReport", "GateRule", "LensConfig", "ModelConfig", "ModelEval", "QuantLinear", "QuantSpec", "QuantizeResult",
-    "RecalibrateConfig", "Recipe", "RunResult", "SelectConfig", "Selection", "SequentialConfig", "Streamed",
-    "Tempered", "WeightScheme", "band_table", "check_gates", "collect_stats", "eval_windows", "evaluate", "export",
-    "layer_calibration", "load", "load_model", "load_recipe", "quantize_variant", "quantize_variants", "recalibrate",
-    "run", "save_quantized", "select_samples",
-]
+_EXPORTS = {
+    "ActivationStats": "quant.calibrate", "SequentialConfig": "quant.calibrate", "Streamed": "quant.calibrate",
+    "collect_stats": "quant.calibrate",
+    "BandConfig": "quant.confidence", "LensConfig": "quant.confidence", "RecalibrateConfig": "quant.confidence",
+    "Tempered": "quant.confidence", "band_table": "quant.confidence", "layer_calibration": "quant.confidence",
+    "recalibrate": "quant.confidence",
+    "SelectConfig": "quant.data", "Selection": "quant.data", "select_samples": "quant.data",
+    "CalqError": "quant.errors",
+    "REFERENCE": "quant.evaluate", "EvalConfig": "quant.evaluate", "GateReport": "quant.evaluate",
+    "GateRule": "quant.evaluate", "ModelEval": "quant.evaluate", "check_gates": "quant.evaluate",
+    "eval_windows": "quant.evaluate", "evaluate": "quant.evaluate",
+    "ExportConfig": "quant.formats", "export": "quant.formats", "load": "quant.formats",
+    "save_quantized": "quant.formats",
+    "METHODS": "quant.methods", "ActScheme": "quant.methods", "QuantizeResult": "quant.methods",
+    "QuantLinear": "quant.methods", "QuantSpec": "quant.methods", "WeightScheme": "quant.methods",
+    "quantize_variant": "quant.methods", "quantize_variants": "quant.methods", "transformed": "quant.methods",
+    "ModelConfig": "quant.models", "load_model": "quant.models",
+    "RunResult": "quant.pipeline", "run": "quant.pipeline",
+    "Recipe": "quant.recipe", "load_recipe": "quant.recipe",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'quant' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -13,6 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
+from calq_kernels import unpack_int4
+from quant.methods import QuantLinear
+from quant.methods.schemes import dequantize_codes
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -62,3 +66,11 @@ def tiny_model(family, tokenizer):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
     return model.eval().requires_grad_(False)
+
+
+def dequantized(q: QuantLinear) -> torch.Tensor:
+    """The float weight a QuantLinear's buffers hold."""
+    if q.weights.num_bits == 4:
+        return dequantize_codes(unpack_int4(q.qweight, q.in_features), q.scales.float(), q.zeros.float(),
+                                q.weights.group_size)
+    return q.qweight.float() * q.scales[:, None]

@@ -6,37 +6,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quant.ask import ask
-from quant.bands import ABSTAIN, UNSURE, VERY_SURE, BandConfig, band_of, band_table, describe, markdown
-from quant.checkpoint import save_quantized
+from quant.confidence.bands import ABSTAIN, UNSURE, VERY_SURE, BandConfig
+from quant.formats.checkpoint import save_quantized
 from quant.cli import main
 from quant.data import MCItem
-from quant.evaluate import MMLUConfig, _mmlu_eval
-from quant.methods import QuantSpec
-from quant.quantize import WeightScheme, quantize
+from quant.evaluate.evaluation import MMLUConfig, mmlu_probabilities
+from quant.methods import QuantSpec, WeightScheme, quantize_variant
 from tests.conftest import tiny_config
-
-
-def test_band_boundaries_and_abstention_threshold():
-    assert [band_of(c) for c in (1.0, 0.75, 0.7499, 0.40, 0.3999, 0.0)] == \
-        [VERY_SURE, VERY_SURE, UNSURE, UNSURE, ABSTAIN, ABSTAIN]
-    never = BandConfig(abstain_below=0.0)
-    assert band_of(0.0, never) == UNSURE  # abstain_below 0 never abstains
-    assert band_of(0.85, BandConfig(very_sure=0.9, abstain_below=0.6)) == UNSURE
-    with pytest.raises(ValueError, match="must not exceed very_sure"):
-        BandConfig(very_sure=0.5, abstain_below=0.6)
-
-
-def test_band_table_shares_and_accuracy():
-    rows = band_table([0.9, 0.8, 0.5, 0.45, 0.1], [1, 0, 1, 1, 0])
-    assert [(r["band"], r["n"], r["share"], r["accuracy"]) for r in rows] == [
-        (VERY_SURE, 2, 0.4, 0.5), (UNSURE, 2, 0.4, 1.0), (ABSTAIN, 1, 0.2, 0.0)]
-    assert rows[0]["mean_confidence"] == pytest.approx(0.85)
-    assert describe(rows, "tokens").startswith("very sure: 40% of tokens, 50% correct; ")
-    empty = band_table(np.array([0.9, 0.95]), np.array([True, True]))
-    assert empty[2]["n"] == 0 and empty[2]["accuracy"] is None
-    table = markdown({"fp": rows, "w4": empty}, "tokens")
-    assert "| answered (abstaining below 0.40) | 80.0% / 75.0% | 100.0% / 100.0% |" in table
-    assert "| can't answer safely (0.00-0.40) | 20.0% / 0.0% | 0.0% / - |" in table
 
 
 @pytest.fixture
@@ -48,7 +24,7 @@ def llama(tokenizer):
 def test_multiple_choice_scores_letters_like_mmlu_evaluation(llama, tokenizer):
     choices = ["alpha", "beta", "gamma", "delta"]
     item = MCItem("ask", "general knowledge", "Which is first?", tuple(choices), 0)
-    probs = _mmlu_eval({"m": llama}, tokenizer, [item], MMLUConfig())["m"][0]
+    probs = mmlu_probabilities({"m": llama}, tokenizer, [item], MMLUConfig())["m"][0]
     answer = ask(llama, tokenizer, "Which is first?", choices, BandConfig(abstain_below=0.0))
     assert answer.confidence == pytest.approx(probs.max(), abs=1e-6)
     assert answer.text == f"{'ABCD'[probs.argmax()]}. {choices[probs.argmax()]}"
@@ -83,7 +59,7 @@ def test_free_text_is_banded_by_its_mean_token_probability(llama, tokenizer):
 @pytest.fixture
 def run_dir(llama, tokenizer, tmp_path):
     """A run directory holding one saved W4 variant of the tiny model (what `calq run` leaves)."""
-    result = quantize(llama, QuantSpec(name="w4", weights=WeightScheme(bits=4, group_size=32)))
+    result = quantize_variant(llama, QuantSpec(name="w4", weights=WeightScheme(num_bits=4, group_size=32, symmetric=False)))
     save_quantized(result, tokenizer, tmp_path / "run" / "models" / "w4")
     (tmp_path / "run" / "recipe.json").write_text(json.dumps({"model": {"source": str(tmp_path / "nowhere")}}))
     return tmp_path / "run"

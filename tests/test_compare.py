@@ -1,8 +1,12 @@
 import csv
+from pathlib import Path
 
 import pytest
 
-from quant.compare import COMPARISON, write_comparison
+from quant.compare import write_comparison
+from quant.recipe import load_recipe
+
+COMPARISON = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "compare.yaml").quantize
 
 
 def _entry(method, ppl, seconds):
@@ -14,8 +18,8 @@ def _entry(method, ppl, seconds):
 def test_comparison_covers_every_method_and_scheme():
     names = {s.name: s for s in COMPARISON}
     assert {s.method for s in COMPARISON} == {"minmax", "smoothquant", "awq", "gptq"}
-    assert {s.weights.group_size for s in COMPARISON if s.weights.bits == 4} == {128, 32}
-    assert {s.activations.mode for s in COMPARISON if s.activations} == {"dynamic", "static"}
+    assert {s.weights.group_size for s in COMPARISON if s.weights.num_bits == 4} == {128, 32}
+    assert {s.input_activations.mode for s in COMPARISON if s.input_activations} == {"dynamic", "static"}
     assert names["w4a16-g128-awq"].weights == names["w4a16-g128-minmax"].weights
 
 

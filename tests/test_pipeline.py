@@ -13,8 +13,8 @@ name: ci
 model: {source: smollm2-135m-instruct}
 calibration: {sources: [wikipedia, news, reviews], num_samples: 24, seq_len: 256}
 quantize:
-  - {name: w8a8, weights: {bits: 8, group_size: null, symmetric: true}, activations: {mode: dynamic}}
-  - {name: w4a16-g128, weights: {bits: 4, group_size: 128, symmetric: false}}
+  - {name: w8a8, scheme: W8A8}
+  - {name: w4a16-g128, scheme: W4A16_ASYM}
 recalibrate: {method: label_free, positions: 1024, max_samples: 8}
 evaluation:
   text: {sources: [wikipedia], windows: 6, seq_len: 512}

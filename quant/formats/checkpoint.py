@@ -70,8 +70,8 @@ def checkpoint_dir(path: str | Path, variant: str | None = None) -> Path:
     if not variants:
         raise CalqError(f"{path} has no {WEIGHTS}; point at a calq checkpoint (run_dir/models/<variant>) or a run "
                         "directory")
-    raise CalqError(f"{path} is a run directory: choose a variant ({', '.join(variants)}), e.g. "
-                    f"{path / 'models' / variants[0]}")
+    raise CalqError(f"{path} is a run directory: choose a variant with --variant ({', '.join(variants)}), or point "
+                    f"at its directory, e.g. {path / 'models' / variants[0]}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,9 @@ def load(path: str | Path, device: str | torch.device | None = None, variant: st
             linear.in_features, linear.out_features, info.spec.weights, info.spec.input_activations,
             linear.bias is not None, dtype))
     unexpected = model.load_state_dict(load_file(directory / WEIGHTS), strict=False, assign=True).unexpected_keys
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and out is not None and inp.weight.is_meta:
+        inp.weight = out.weight  # safetensors stores a tied pair once, under either name
     model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing or unexpected:

@@ -16,7 +16,7 @@ from quant.formats.source import ExportSource
 from quant.methods import QuantLinear
 
 
-def _permute_rope(w: Tensor | np.ndarray, heads: int) -> Tensor | np.ndarray:
+def permute_rope(w: Tensor | np.ndarray, heads: int) -> Tensor | np.ndarray:
     """Hugging Face's rotary layout -> llama.cpp's (interleaved pairs), as llama.cpp's converter does for q and k:
     a permutation of rows (output features)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -154,7 +154,7 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
         else:
             data, raw_dtype = gguf.quants.quantize(w.float().numpy(), float_type), float_type
         if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-            data = _permute_rope(data, heads if "q_proj" in hf_name else kv_heads)  # rows, so packed blocks too
+            data = permute_rope(data, heads if "q_proj" in hf_name else kv_heads)  # rows, so packed blocks too
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -79,8 +79,9 @@ class QuantLinear(nn.Module):
         if self.weights.num_bits == 4:
             return kernels.int4_linear(x, self.qweight, self.scales, self.zeros,
                                        self.weights.group_size or self.in_features, self.bias)
-        return kernels.int8_linear(x, self.qweight, self.scales, self.bias, act=self.act_mode or "none",
-                                   act_scale=self.act_scale)
+        act = self.act_mode or "none"
+        return kernels.int8_linear(x, self.qweight, self.scales, self.bias, act=act,
+                                   act_scale=self.act_scale if act == "static" else None)
 
     def extra_repr(self) -> str:
         act = f"A8-{self.act_mode}" if self.activations else "A16"

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from quant.stats import ActivationStats, collect_stats
+from quant.calibrate import ActivationStats, collect_stats
 
 
 def test_stats_equal_a_full_capture(tiny_model, tmp_path):

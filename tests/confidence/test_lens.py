@@ -4,16 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from quant.evaluate import EvalConfig, TextEvalConfig, eval_windows, evaluate
-from quant.lens import layer_calibration, markdown
-from quant.methods import QuantSpec
-from quant.quantize import WeightScheme, quantize
+from quant.evaluate.evaluation import EvalConfig, TextEvalConfig, eval_windows, evaluate
+from quant.confidence.lens import layer_calibration, markdown
+from quant.methods import QuantSpec, WeightScheme, quantize_variant
 
 TEXT = TextEvalConfig(windows=2, seq_len=64)
 
 
 def test_last_layer_is_the_models_own_prediction(tiny_model, tokenizer, tmp_path):
-    w4 = quantize(tiny_model, QuantSpec(name="w4", weights=WeightScheme(bits=4, group_size=32))).model
+    w4 = quantize_variant(tiny_model, QuantSpec(name="w4", weights=WeightScheme(num_bits=4, group_size=32, symmetric=False))).model
     models = {"fp": tiny_model, "w4": w4}
     windows = eval_windows(tokenizer, TEXT)
     lens = layer_calibration(models, windows, n_bins=10)

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from quant import metrics
-from quant.cache import CalqError
+from quant.confidence import metrics
+from quant.errors import CalqError
 from quant.data import MCItem
-from quant.evaluate import MMLUConfig, collect_mmlu, collect_text
-from quant.lens import layer_calibration
-from quant.recalibrate import (RecalibrateConfig, Tempered, apply_temperature, fit_temperature, recalibrate,
+from quant.evaluate.evaluation import MMLUConfig, collect_mmlu, collect_text
+from quant.confidence.lens import layer_calibration
+from quant.confidence.recalibrate import (RecalibrateConfig, Tempered, apply_temperature, fit_temperature, recalibrate,
                                reference_logits)
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from quant.cache import CalqError
-from quant.calibration import SelectConfig, select_samples
+from quant.errors import CalqError
+from quant.data import SelectConfig, select_samples
 from quant.data import Document
 
 SOURCES = ("wiki", "news", "reviews")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from quant import data
-from quant.cache import CACHE_ENV, CalqError, cache_dir
+from quant.data import sources as data
+from quant.errors import CalqError
+from quant.files import CACHE_ENV, cache_dir
 from quant.data import Document, MCItem, load_documents, load_mmlu, source_names
 
 BUILTIN = ("wikipedia", "news", "reviews", "quotes")

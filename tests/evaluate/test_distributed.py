@@ -7,11 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from quant.cache import CalqError
-from quant.distributed import evaluate_distributed
-from quant.evaluate import BootstrapConfig, EvalConfig, MMLUConfig, TextEvalConfig, evaluate
-from quant.methods import QuantSpec
-from quant.quantize import WeightScheme, quantize
+from quant.errors import CalqError
+from quant.evaluate.distributed import evaluate_distributed
+from quant.evaluate.evaluation import BootstrapConfig, EvalConfig, MMLUConfig, TextEvalConfig, evaluate
+from quant.methods import QuantSpec, WeightScheme, quantize_variant
 
 # 3 windows: uneven blocks over 2 processes; 57 MMLU items in batches of 8: 8 batches, the last one short
 CFG = EvalConfig(text=TextEvalConfig(windows=3, seq_len=64), mmlu=MMLUConfig(per_subject=1, batch_size=8),
@@ -37,7 +36,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("family", ["llama"])
 def test_two_gloo_processes_reproduce_the_single_process_metrics_exactly(tiny_model, tokenizer, tmp_path):
-    models = {"fp": tiny_model, "w4": quantize(tiny_model, QuantSpec(name="w4", weights=WeightScheme(group_size=32))).model}
+    models = {"fp": tiny_model, "w4": quantize_variant(tiny_model, QuantSpec(name="w4", weights=WeightScheme(num_bits=4, group_size=32, symmetric=False))).model}
     single = evaluate(models, tokenizer, CFG, reference="fp")
     # fork: the children inherit the imported modules (a spawned child re-imports torch and transformers)
     mp.start_processes(_worker, args=(2, _free_port(), models, tokenizer, str(tmp_path / "evals")), nprocs=2,

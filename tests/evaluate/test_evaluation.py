@@ -3,18 +3,17 @@ import math
 import numpy as np
 import pytest
 
-from quant import metrics
-from quant.evaluate import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig, evaluate,
+from quant.confidence import metrics
+from quant.evaluate.evaluation import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig, evaluate,
                             letter_token_ids, mmlu_prompt, reduce, stratified_items)
 from quant.data import load_mmlu
-from quant.methods import QuantSpec
-from quant.quantize import WeightScheme, quantize
+from quant.methods import QuantSpec, WeightScheme, quantize_variant
 
 CFG = EvalConfig(text=TextEvalConfig(windows=2, seq_len=64), mmlu=MMLUConfig(per_subject=1, batch_size=16))
 
 
 def test_evaluate_pairs_models_on_real_heldout_data(tiny_model, tokenizer):
-    q = quantize(tiny_model, QuantSpec(name="w4", weights=WeightScheme(bits=4, group_size=32))).model
+    q = quantize_variant(tiny_model, QuantSpec(name="w4", weights=WeightScheme(num_bits=4, group_size=32, symmetric=False))).model
     res = evaluate({"fp": tiny_model, "w4": q}, tokenizer, CFG, reference="fp")
     fp, w4 = res["fp"], res["w4"]
     assert fp.text["kl_to_reference"] == pytest.approx(0, abs=1e-6) and fp.text["top1_agreement"] == 1.0
@@ -94,7 +93,7 @@ def test_mmlu_subset_is_stratified_and_stable(tokenizer):
 
 
 def test_too_few_eval_windows_is_a_clear_error(tiny_model, tokenizer):
-    from quant.cache import CalqError
+    from quant.errors import CalqError
     cfg = EvalConfig(text=TextEvalConfig(windows=100_000, seq_len=512), mmlu=None)
     with pytest.raises(CalqError, match="lower evaluation.text.windows"):
         evaluate({"fp": tiny_model}, tokenizer, cfg, reference="fp")

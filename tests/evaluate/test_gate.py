@@ -4,10 +4,10 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from quant.cli import main
-from quant.evaluate import BootstrapConfig, Estimate, EvalConfig, ModelEval, collect_text, reduce
-from quant.gate import GateRule, check_gates
-from quant.recalibrate import apply_temperature
-from tests.test_recalibrate import moderate, sample_from  # noqa: F401  (fixture)
+from quant.evaluate.evaluation import BootstrapConfig, Estimate, EvalConfig, ModelEval, collect_text, reduce
+from quant.evaluate.gate import GateRule, check_gates
+from quant.confidence.recalibrate import apply_temperature
+from tests.confidence.test_recalibrate import moderate, sample_from  # noqa: F401  (fixture)
 
 
 def _evals(ppl_q: float, ece_q: float):
@@ -107,7 +107,7 @@ def test_gate_fails_an_overconfident_model_and_passes_a_calibrated_one(moderate)
 
 
 def test_gate_on_unmeasured_metric_names_what_exists():
-    from quant.cache import CalqError
+    from quant.errors import CalqError
     with pytest.raises(CalqError, match="available: text.perplexity"):
         check_gates(_evals(21, 0.02), [GateRule(metric="text.nope", max=1)], "fp")
 

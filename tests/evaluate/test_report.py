@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from quant.checkpoint import checkpoint_info, load
+from quant.formats.checkpoint import checkpoint_info, load
 from quant.cli import main
 from quant.pipeline import run
 from quant.recipe import load_recipe
@@ -19,7 +19,7 @@ name: tiny
 model: {{source: {model}}}
 calibration: {{sources: [{text}], num_samples: 8, seq_len: 64, min_len: 32}}
 quantize:
-  - {{name: w4, weights: {{bits: 4, group_size: 32, symmetric: false}}}}
+  - {{name: w4, scheme: W4A16_ASYM, weights: {{group_size: 32}}}}
 evaluation:
   text: {{sources: [{text}], windows: 4, seq_len: 64}}
   mmlu: {{per_subject: 1, batch_size: 16}}

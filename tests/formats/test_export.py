@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import gguf
 import pytest
@@ -13,24 +14,24 @@ from tokenizers import Regex, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import quant
-from quant.cache import CalqError
-from quant.checkpoint import save_quantized, verify_manifest
+from quant.errors import CalqError
+from quant.formats.checkpoint import save_quantized, verify_manifest
 from quant.cli import main
-from quant.export import LLAMA3_SPLIT, ExportConfig, _permute_rope, export, gguf_pre_tokenizer
-from quant.gate import GateReport, GateResult
-from quant.methods import QuantSpec
-from quant.quantize import ActScheme, QuantLinear, WeightScheme, quantize
+from quant.formats import ExportConfig, export
+from quant.formats.gguf import LLAMA3_SPLIT, gguf_pre_tokenizer, permute_rope
+from quant.evaluate.gate import GateReport, GateResult
+from quant.methods import ActScheme, QuantLinear, QuantSpec, WeightScheme, quantize_variant
 from quant.recipe import load_recipe
 
-from .conftest import tiny_config
+from tests.conftest import dequantized, tiny_config
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 SPECS = {
-    "w4-g32": QuantSpec(name="w4-g32", weights=WeightScheme(bits=4, group_size=32, symmetric=False)),
-    "w8a8": QuantSpec(name="w8a8", weights=WeightScheme(bits=8, group_size=None, symmetric=True),
-                      activations=ActScheme(mode="dynamic")),
+    "w4-g32": QuantSpec(name="w4-g32", weights=WeightScheme(num_bits=4, group_size=32, symmetric=False)),
+    "w8a8": QuantSpec(name="w8a8", weights=WeightScheme(num_bits=8),
+                      input_activations=ActScheme(dynamic=True)),
 }
 
 
@@ -46,7 +47,7 @@ def _ids(tokenizer) -> torch.Tensor:
 
 @pytest.mark.parametrize(("family", "variant"), [("llama", "w4-g32"), ("llama", "w8a8"), ("qwen2", "w4-g32")])
 def test_save_load_round_trip_gives_identical_logits(tmp_path, tokenizer, family, variant):
-    result = quantize(_tiny(family, tokenizer), SPECS[variant])
+    result = quantize_variant(_tiny(family, tokenizer), SPECS[variant])
     save_quantized(result, tokenizer, tmp_path / variant)
     model, tok = quant.load(tmp_path / variant, device="cpu")
     loaded = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -57,7 +58,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, tokenizer, family
 
 
 def test_load_refuses_truncated_or_tampered_files(tmp_path, tokenizer):
-    save_quantized(quantize(_tiny("llama", tokenizer), SPECS["w4-g32"]), tokenizer, tmp_path / "ckpt")
+    save_quantized(quantize_variant(_tiny("llama", tokenizer), SPECS["w4-g32"]), tokenizer, tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:-100])
@@ -72,7 +73,10 @@ def test_load_refuses_truncated_or_tampered_files(tmp_path, tokenizer):
         quant.load(tmp_path / "ckpt")
     (tmp_path / "run" / "models").mkdir(parents=True)
     (tmp_path / "ckpt").rename(tmp_path / "run" / "models" / "w4")
-    with pytest.raises(CalqError, match="run directory; load one of its variants"):
+    with pytest.raises(CalqError, match=r"models/w4/config\.json: hash mismatch"):  # a run's only variant
+        quant.load(tmp_path / "run")
+    shutil.copytree(tmp_path / "run" / "models" / "w4", tmp_path / "run" / "models" / "w8")
+    with pytest.raises(CalqError, match=r"is a run directory: choose a variant with --variant \(w4, w8\)"):
         quant.load(tmp_path / "run")
 
 
@@ -87,7 +91,7 @@ def run_dir(tmp_path_factory, tokenizer):
     model = _tiny("llama", tokenizer)
     for name, spec in SPECS.items():
         meta = {"calq_temperature": "1.25"} if name == "w4-g32" else None
-        save_quantized(quantize(model, spec), tokenizer, root / "models" / name, metadata=meta)
+        save_quantized(quantize_variant(model, spec), tokenizer, root / "models" / name, metadata=meta)
     GateReport([GateResult(variant=v, metric="text.perplexity", bound="max_ratio", threshold=1.5, value=ratio,
                            passed=ratio <= 1.5) for v, ratio in (("w4-g32", 1.1), ("w8a8", 1.7))]).save(root / "gate.json")
     return root
@@ -115,7 +119,7 @@ def test_compressed_tensors_loads_in_transformers_with_our_weights_and_logits(ru
     atol = 1e-5 if variant == "w4-g32" else 2e-2
     torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=atol)
     for name, q in layers.items():  # decompressed by compressed-tensors on the first forward
-        torch.testing.assert_close(theirs.get_submodule(name).weight, q.dequantized_weight(), rtol=0, atol=0)
+        torch.testing.assert_close(theirs.get_submodule(name).weight, dequantized(q), rtol=0, atol=0)
 
 
 def _awq_reference_dequantize(qweight, qzeros, scales, group_size):
@@ -144,7 +148,7 @@ def test_awq_gemm_packing_matches_autoawq_order(run_dir, tmp_path):
         assert qweight.dtype == torch.int32 and qweight.shape == (q.in_features, q.out_features // 8)
         assert qzeros.shape == (q.in_features // 32, q.out_features // 8)
         w = _awq_reference_dequantize(qweight, qzeros, tensors[f"{name}.scales"], 32)
-        torch.testing.assert_close(w.t(), q.dequantized_weight(), rtol=0, atol=0)
+        torch.testing.assert_close(w.t(), dequantized(q), rtol=0, atol=0)
     with pytest.raises(CalqError, match="AWQ's GEMM format is group-wise int4"):
         export(run_dir, ExportConfig(format="awq", variant="w8a8"), tmp_path / "awq8")
     assert not (tmp_path / "awq8").exists() and list(tmp_path.iterdir()) == [out]
@@ -166,10 +170,10 @@ def test_gguf_reads_back_with_gguf_and_transformers(run_dir, tokenizer, tmp_path
         t = tensors[gname]
         assert t.tensor_type.name == qtype
         theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(q.out_features, -1)
-        ours = q.dequantized_weight()
+        ours = dequantized(q)
         step = q.scales.float().reshape(q.out_features, -1).repeat_interleave(32 if variant == "w4-g32" else q.in_features, 1)
         if kind in ("q_proj", "k_proj"):  # llama.cpp's rotary layout
-            ours, step = (_permute_rope(t, 4 if kind == "q_proj" else 2) for t in (ours, step))
+            ours, step = (permute_rope(t, 4 if kind == "q_proj" else 2) for t in (ours, step))
         # our codes under float16 block scales (Q4_1: and mins): 2% of a step (W4) or 0.1% of the weight (W8) at
         # most, where re-quantizing by gguf moved weights by up to half a step
         assert ((theirs - ours).abs() <= 2e-2 * step + 1e-3 * ours.abs()).all()
@@ -193,8 +197,8 @@ def test_gguf_keeps_group_64_codes_on_a_smollm2_shaped_model(tmp_path, tokenizer
                          rope_parameters={"rope_type": "default", "rope_theta": 1e5}, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
-    spec = QuantSpec(name="w4-g64", weights=WeightScheme(bits=4, group_size=64, symmetric=symmetric))
-    save_quantized(quantize(model, spec), tokenizer, tmp_path / "models" / "w4")
+    spec = QuantSpec(name="w4-g64", weights=WeightScheme(num_bits=4, group_size=64, symmetric=symmetric))
+    save_quantized(quantize_variant(model, spec), tokenizer, tmp_path / "models" / "w4")
     out = export(tmp_path / "models" / "w4", ExportConfig(format="gguf", dtype="float32"), tmp_path / "gguf").out
     assert {t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors if t.name.endswith("q.weight")} == {qtype}
     ours, layers = _ours(tmp_path, "w4")
@@ -203,7 +207,7 @@ def test_gguf_keeps_group_64_codes_on_a_smollm2_shaped_model(tmp_path, tokenizer
     assert theirs.config.rope_parameters["rope_theta"] == 1e5
     for name, q in layers.items():  # transformers undoes llama.cpp's rotary layout
         step = q.scales.float().repeat_interleave(64, 1)
-        assert ((theirs.get_submodule(name).weight - q.dequantized_weight()).abs() <= 2e-2 * step).all(), name
+        assert ((theirs.get_submodule(name).weight - dequantized(q)).abs() <= 2e-2 * step).all(), name
     ids = _ids(tokenizer)
     export_error = (theirs(ids).logits - ours(ids).logits).abs().max()
     quant_error = (model(ids).logits - ours(ids).logits).abs().max()
@@ -211,8 +215,8 @@ def test_gguf_keeps_group_64_codes_on_a_smollm2_shaped_model(tmp_path, tokenizer
 
 
 def test_gguf_refuses_groups_that_are_not_whole_blocks(tmp_path, tokenizer):
-    spec = QuantSpec(name="w4-g16", weights=WeightScheme(bits=4, group_size=16, symmetric=False))
-    save_quantized(quantize(_tiny("llama", tokenizer), spec), tokenizer, tmp_path / "w4")
+    spec = QuantSpec(name="w4-g16", weights=WeightScheme(num_bits=4, group_size=16, symmetric=False))
+    save_quantized(quantize_variant(_tiny("llama", tokenizer), spec), tokenizer, tmp_path / "w4")
     with pytest.raises(CalqError, match="groups of 16; llama.cpp stores whole blocks of 32"):
         export(tmp_path / "w4", ExportConfig(format="gguf"), tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()
@@ -222,7 +226,7 @@ def test_interrupted_export_leaves_no_complete_looking_directory(run_dir, tmp_pa
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("quant.export.write_manifest", crash)
+    monkeypatch.setattr("quant.formats.exporter.write_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
         export(run_dir, ExportConfig(format="compressed-tensors", variant="w4-g32"), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -239,7 +243,7 @@ def test_cli_export_from_run_dir_writes_a_verifiable_manifest(run_dir, tmp_path,
 
 def test_recipe_export_entries_name_a_quantize_variant(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: r\nquantize: [{name: w4, weights: {bits: 4, group_size: 32}}]\n"
+    recipe.write_text("name: r\nquantize: [{name: w4, scheme: W4A16_ASYM, weights: {group_size: 32}}]\n"
                       "export: [{format: gguf, variant: w4}, {format: awq, variant: w8}]\n")
     with pytest.raises(CalqError, match=r"export variant 'w8' is not one of the quantize variants \['w4'\]"):
         load_recipe(recipe)
@@ -264,11 +268,11 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_splits_text_with(tmp_path, token
     for name, pre in cases.items():
         tok.backend_tokenizer.pre_tokenizer = pre
         assert gguf_pre_tokenizer(tok) == name
-    save_quantized(quantize(_tiny("llama", tokenizer), SPECS["w8a8"]), tokenizer, tmp_path / "w8")
+    save_quantized(quantize_variant(_tiny("llama", tokenizer), SPECS["w8a8"]), tokenizer, tmp_path / "w8")
     out = export(tmp_path / "w8", ExportConfig(format="gguf"), tmp_path / "gguf").out
     assert gguf.GGUFReader(out / "model.gguf").fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    save_quantized(quantize(_tiny("llama", tok), SPECS["w8a8"]), tok, tmp_path / "w8-metaspace")
+    save_quantized(quantize_variant(_tiny("llama", tok), SPECS["w8a8"]), tok, tmp_path / "w8-metaspace")
     with pytest.raises(CalqError, match="no llama.cpp pre-tokenizer for this tokenizer's Metaspace"):
         export(tmp_path / "w8-metaspace", ExportConfig(format="gguf"), tmp_path / "gguf-metaspace")
     assert not (tmp_path / "gguf-metaspace").exists()

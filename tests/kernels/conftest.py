@@ -1,25 +1,20 @@
 """Run the Triton kernels on CPU under the Triton interpreter.
 
-triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when kernels/ is imported, so it is set here,
+triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when calq_kernels (kernels/) is imported, so it is set here,
 at conftest import, before any test module imports kernels. Two interpreter gaps of Triton 3.8 are patched below.
 """
 
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-if "kernels.int4" in sys.modules and not isinstance(
-    sys.modules["kernels.int4"]._int4_matmul_kernel, interpreter.InterpretedFunction
+if "calq_kernels.int4" in sys.modules and not isinstance(
+    sys.modules["calq_kernels.int4"]._int4_matmul_kernel, interpreter.InterpretedFunction
 ):
     raise RuntimeError(
         "kernels was imported before TRITON_INTERPRET=1 was set, so its Triton kernels cannot run on CPU; "

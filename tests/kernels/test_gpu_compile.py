@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import int4, int8
+from calq_kernels import int4, int8
 
 
 def compile_kernel(fn, pointers, constexprs, num_warps, num_stages=3):

@@ -4,8 +4,8 @@ reference, NaN/Inf propagation, errors, CPU dispatch and the torch.compile custo
 import pytest
 import torch
 
-from kernels import int4_linear, int4_linear_ref, pack_int4, unpack_int4
-from kernels.int4 import _DECODE_CONFIGS, _int4_linear_op, _int4_linear_triton, split_k_counters
+from calq_kernels import int4_linear, int4_linear_ref, pack_int4, unpack_int4
+from calq_kernels.int4 import _DECODE_CONFIGS, _int4_linear_op, _int4_linear_triton, split_k_counters
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from kernels import int8_linear, int8_linear_ref, quantize_per_token, quantize_per_token_ref
-from kernels.int8 import (
+from calq_kernels import int8_linear, int8_linear_ref, quantize_per_token, quantize_per_token_ref
+from calq_kernels.int8 import (
     _int8_linear_op,
     _int8_linear_triton,
     _int8_matmul,

@@ -2,14 +2,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
+from quant.errors import CalqError
+from quant.methods import QuantSpec, WeightScheme, quantize_variant, transformed
+from quant.methods.awq import best_clip, best_scales, clip_weight, output_error
+from quant.methods.mappings import ARCHITECTURES, smoothing_groups
+from quant.methods.schemes import fake_quantize
+from quant.models import decoder_layers, fold_scales
 from tests.conftest import tiny_config
-from quant.awq import AWQConfig, awq, best_clip, best_scales, clip_weight, output_error
-from quant.cache import CalqError
-from quant.mappings import decoder_layers, fold_scales
-from quant.methods import QuantSpec
-from quant.quantize import WeightScheme, fake_quantize, quantize
 
-G128 = WeightScheme(bits=4, group_size=128, symmetric=False)
+G128 = WeightScheme(num_bits=4, group_size=128, symmetric=False)
+
+
+def awq(model, samples, weights: WeightScheme, ignore=("lm_head",), **options):
+    """AWQ's float model (scales folded, weights clipped), through the walk."""
+    spec = QuantSpec(name="awq", method="awq", weights=weights, options=options, ignore=ignore)
+    return transformed(model, spec, samples=samples)
 
 
 def _ids(vocab: int, lengths, seed: int) -> list[torch.Tensor]:
@@ -25,16 +32,16 @@ def test_fold_scales_preserves_the_function(family, tokenizer, kv_heads):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
     ids = _ids(cfg.vocab_size, (37,), seed=3)[0][None]
     ref = model(input_ids=ids).logits
-    layers = decoder_layers(model)
-    assert [len(layer.groups) for layer in layers] == [4 if kv_heads == 4 else 3] * 2
+    groups = [smoothing_groups(layer, ARCHITECTURES[cfg.model_type]) for layer in decoder_layers(model)]
+    assert [len(g) for g in groups] == [4 if kv_heads == 4 else 3] * 2
+    q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
     g = torch.Generator().manual_seed(0)
-    for layer in layers:
-        for group in layer.groups:
+    for layer_groups in groups:
+        for group in layer_groups:
             s = torch.exp(torch.randn(group.linears[0].in_features, generator=g) * 0.5)
             fold_scales(group.prev, group.linears, s)
     torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    assert not torch.allclose(layers[0].groups[0].linears[0].weight,
-                              AutoModelForCausalLM.from_config(cfg).model.layers[0].self_attn.q_proj.weight)
+    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q_before)
 
 
 def _outlier_inputs(tokens: int = 2048, k: int = 576) -> torch.Tensor:
@@ -56,7 +63,7 @@ def test_awq_scales_beat_minmax_on_outlier_channels():
     torch.testing.assert_close(output_error(fake_quantize(w, G128) - w, gram) / (len(x) * 64), minmax_err, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("scheme", [G128, WeightScheme(bits=4, group_size=64, symmetric=True)])
+@pytest.mark.parametrize("scheme", [G128, WeightScheme(num_bits=4, group_size=64, symmetric=True)])
 def test_clip_search_lowers_error_and_min_max_reproduces_the_clip(scheme):
     x = torch.randn(1024, 576, generator=torch.Generator().manual_seed(2))
     w = torch.randn(48, 576, generator=torch.Generator().manual_seed(3))
@@ -78,26 +85,26 @@ def test_awq_on_each_family_beats_minmax(tiny_model):
     with torch.no_grad():  # outlier channels, as real LLMs have, so there is something to protect
         tiny_model.get_input_embeddings().weight[:, [3, 40, 77]] *= 30
     calib, held_out = _ids(vocab, (48, 64, 30, 64), seed=4), _ids(vocab, (64, 40), seed=5)
-    spec = QuantSpec(name="w4", weights=WeightScheme(bits=4, group_size=64))  # 96 columns: a ragged group
+    spec = QuantSpec(name="w4", scheme="W4A16_ASYM", weights={"group_size": 64})  # 96 columns: a ragged group
     before = tiny_model.model.layers[0].self_attn.q_proj.weight.clone()
-    smoothed = awq(tiny_model, calib, spec.weights, AWQConfig())
+    awq_model = quantize_variant(tiny_model, spec.model_copy(update={"method": "awq"}), samples=calib).model
     assert torch.equal(tiny_model.model.layers[0].self_attn.q_proj.weight, before)
-    awq_err = _logit_mse(quantize(smoothed, spec).model, tiny_model, held_out)
-    minmax_err = _logit_mse(quantize(tiny_model, spec).model, tiny_model, held_out)
+    awq_err = _logit_mse(awq_model, tiny_model, held_out)
+    minmax_err = _logit_mse(quantize_variant(tiny_model, spec).model, tiny_model, held_out)
     assert awq_err < 0.8 * minmax_err, (awq_err, minmax_err)  # measured 0.41-0.55
 
 
 def test_awq_without_clipping_only_folds_scales(tiny_model):
     ids = _ids(tiny_model.config.vocab_size, (40,), seed=6)[0][None]
-    smoothed = awq(tiny_model, _ids(tiny_model.config.vocab_size, (32, 32), seed=7), G128, AWQConfig(clip=False))
+    smoothed = awq(tiny_model, _ids(tiny_model.config.vocab_size, (32, 32), seed=7), G128, clip=False)
     ref = tiny_model(input_ids=ids).logits
     torch.testing.assert_close(smoothed(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_awq_never_clips_an_ignored_linear(tiny_model):
-    """grid=1 tries only r = 0 (no scaling), so any weight change comes from the clip search."""
+    """n_grid=1 tries only r = 0 (no scaling), so any weight change comes from the clip search."""
     calib = _ids(tiny_model.config.vocab_size, (48, 64), seed=8)
-    smoothed = awq(tiny_model, calib, G128, AWQConfig(grid=1), ignore=("*.down_proj",))
+    smoothed = awq(tiny_model, calib, G128, ignore=("*.down_proj",), n_grid=1)
     for name, lin in tiny_model.named_modules():
         if name.endswith(("down_proj", "up_proj")):
             changed = not torch.equal(smoothed.get_submodule(name).weight, lin.weight)
@@ -107,4 +114,4 @@ def test_awq_never_clips_an_ignored_linear(tiny_model):
 def test_unknown_architecture_is_a_clear_error():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(CalqError, match="'gpt2'.*llama"):
-        awq(model, [torch.arange(8)], G128, AWQConfig())
+        awq(model, [torch.arange(8)], G128)

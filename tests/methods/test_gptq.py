@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant.awq import output_error
-from quant.gptq import GPTQConfig, gptq, gptq_weight
-from quant.methods import QuantSpec, quantize_variant
-from quant.quantize import QuantLinear, WeightScheme, fake_quantize, quantize_weight
-from quant.stats import ActivationStats
+from quant.methods import QuantLinear, QuantSpec, WeightScheme, quantize_variant, transformed
+from quant.methods.awq import output_error
+from quant.methods.gptq import gptq_weight
+from quant.methods.schemes import fake_quantize, quantize_weight
+from tests.conftest import dequantized
 
-SCHEMES = [WeightScheme(bits=4, group_size=32), WeightScheme(bits=4, group_size=64, symmetric=True),
-           WeightScheme(bits=4, group_size=None), WeightScheme(bits=8, group_size=None, symmetric=True)]
+SCHEMES = [WeightScheme(num_bits=4, group_size=32, symmetric=False), WeightScheme(num_bits=4, group_size=64),
+           WeightScheme(num_bits=4, symmetric=False), WeightScheme(num_bits=8)]
 
 
 def _correlated_inputs(tokens: int = 4096, k: int = 200) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_gptq_cuts_the_output_error_of_round_to_nearest(scheme, act_order):
     codes = gptq_weight(w, gram, scheme, act_order=act_order)
     groups = 1 if scheme.group_size is None else -(-200 // scheme.group_size)  # 200 = 6 x 32 + 8: ragged
     assert codes.q.shape == (64, 200) and codes.scale.shape == codes.zero.shape == (64, groups)
-    lo, hi = (0, 15) if scheme.bits == 4 else (-127, 127)
+    lo, hi = (0, 15) if scheme.num_bits == 4 else (-127, 127)
     assert codes.q.min() >= lo and codes.q.max() <= hi and torch.equal(codes.q, codes.q.round())
     gptq_error = output_error(codes.dequantize(scheme.group_size) - w, gram)
     rtn_error = output_error(fake_quantize(w, scheme) - w, gram)
@@ -43,7 +43,7 @@ def test_gptq_cuts_the_output_error_of_round_to_nearest(scheme, act_order):
 def test_gptq_without_correlation_is_round_to_nearest(act_order):
     """With H a multiple of the identity no error is fed forward, so GPTQ is min-max rounding, code for code."""
     w = torch.randn(48, 100, generator=torch.Generator().manual_seed(2))
-    scheme = WeightScheme(bits=4, group_size=32)
+    scheme = WeightScheme(num_bits=4, group_size=32, symmetric=False)
     codes = gptq_weight(w, 7.0 * torch.eye(100), scheme, act_order=act_order)
     q, scale, zero = quantize_weight(w, scheme)
     assert torch.equal(codes.q, q)
@@ -54,7 +54,7 @@ def test_gptq_without_correlation_is_round_to_nearest(act_order):
 def test_gptq_tolerates_channels_that_never_fire():
     x = _correlated_inputs()
     x[:, 50:60] = 0
-    codes = gptq_weight(torch.randn(16, 200) * 0.05, x.T @ x, WeightScheme(bits=4, group_size=32))
+    codes = gptq_weight(torch.randn(16, 200) * 0.05, x.T @ x, WeightScheme(num_bits=4, group_size=32))
     assert torch.isfinite(codes.scale).all() and torch.isfinite(codes.dequantize(32)).all()
 
 
@@ -63,16 +63,15 @@ def test_gptq_variant_stores_its_codes_and_beats_minmax(tiny_model, tokenizer):
     and on the calibration text its logits sit closer to full precision than min-max rounding's."""
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, len(tokenizer), (64,), generator=g) for _ in range(16)]
-    scheme = WeightScheme(bits=4, group_size=32)
-    stats = ActivationStats(layers={}, meta={})
-    gptq_variant = quantize_variant(tiny_model, QuantSpec(name="g", method="gptq", weights=scheme), stats, samples)
-    minmax = quantize_variant(tiny_model, QuantSpec(name="m", weights=scheme), stats, samples)
-    float_model, codes = gptq(tiny_model, samples, scheme, GPTQConfig())
-    assert len(codes) == 14 and set(codes) <= set(gptq_variant.quantized)  # 7 linears x 2 layers; lm_head ignored
-    for name, c in codes.items():
+    spec = QuantSpec(name="g", method="gptq", weights=WeightScheme(num_bits=4, group_size=32, symmetric=False))
+    gptq_variant = quantize_variant(tiny_model, spec, samples=samples)
+    minmax = quantize_variant(tiny_model, spec.model_copy(update={"method": "minmax"}))
+    float_model = transformed(tiny_model, spec, samples=samples)  # GPTQ's codes, dequantized, as float weights
+    assert len(gptq_variant.quantized) == 14  # 7 linears x 2 layers; lm_head ignored
+    for name in gptq_variant.quantized:
         q = gptq_variant.model.get_submodule(name)
         assert isinstance(q, QuantLinear)
-        torch.testing.assert_close(q.dequantized_weight(), c.dequantize(32), rtol=0, atol=1e-6)
+        torch.testing.assert_close(dequantized(q), float_model.get_submodule(name).weight, rtol=0, atol=1e-6)
     ids = torch.stack(samples)
     with torch.no_grad():
         ref = F.log_softmax(tiny_model(input_ids=ids).logits, -1)
@@ -85,5 +84,6 @@ def test_gptq_variant_stores_its_codes_and_beats_minmax(tiny_model, tokenizer):
 
 def test_gptq_leaves_the_input_model_alone(tiny_model, tokenizer):
     before = copy.deepcopy(tiny_model.state_dict())
-    gptq(tiny_model, [torch.arange(20) % len(tokenizer)], WeightScheme(bits=4, group_size=32), GPTQConfig())
+    quantize_variant(tiny_model, QuantSpec(name="g", method="gptq", scheme="W4A16"),
+                     samples=[torch.arange(20) % len(tokenizer)])
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())

@@ -3,19 +3,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calq_kernels import unpack_int4
 from quant.calibrate import collect_stats
 from quant.errors import CalqError
 from quant.methods import ActScheme, QuantLinear, QuantSpec, WeightScheme, quantize_variant
 from quant.methods.schemes import dequantize_codes, fake_quantize, quantize_weight
+from tests.conftest import dequantized
 
-
-def dequantized(q: QuantLinear) -> torch.Tensor:
-    """The float weight a QuantLinear's buffers hold."""
-    if q.weights.num_bits == 4:
-        return dequantize_codes(unpack_int4(q.qweight, q.in_features), q.scales.float(), q.zeros.float(),
-                                q.weights.group_size)
-    return q.qweight.float() * q.scales[:, None]
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, None])

@@ -1,9 +1,26 @@
+import copy
+
 import torch
 
-from quant.smoothquant import SmoothQuantConfig, smooth
-from quant.stats import collect_stats
+from quant.calibrate import ActivationStats, collect_stats
+from quant.methods import QuantSpec, transformed
+from quant.methods.smoothquant import SmoothQuantConfig, smooth_layer
+from quant.methods.step import LayerCall
+from quant.models import decoder_layers
 
 Q = "model.layers.0.self_attn.q_proj"
+
+
+def smooth(model, stats: ActivationStats, cfg: SmoothQuantConfig):
+    """SmoothQuant's float model and the statistics of its smoothed linears' inputs, layer by layer as the walk
+    calls the method."""
+    spec = QuantSpec(name="sq", scheme="W8A8", method="smoothquant", options=cfg.model_dump())
+    smoothed, adjusted = copy.deepcopy(model), dict(stats.layers)
+    for layer in decoder_layers(smoothed):
+        call = LayerCall(layer, model.config.model_type, spec.weights, spec.input_activations, spec.ignore, cfg,
+                         stats.layers, None)
+        adjusted.update(smooth_layer(call).stats)
+    return smoothed, ActivationStats(adjusted, {})
 
 
 def _samples(vocab: int, lengths=(24, 40, 9), seed: int = 1) -> list[torch.Tensor]:
@@ -24,7 +41,7 @@ def test_smoothing_preserves_logits_changes_weights_and_leaves_input_alone(tiny_
     ref = model(input_ids=ids).logits
     before = model.get_submodule(Q).weight.clone()
     stats = collect_stats(model, _samples(model.config.vocab_size))
-    smoothed, _ = smooth(model, stats, SmoothQuantConfig(alpha=0.5))
+    smoothed, _ = smooth(model, stats, SmoothQuantConfig(smoothing_strength=0.5))
     torch.testing.assert_close(smoothed(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert (smoothed.get_submodule(Q).weight - before).abs().max() > 0.1 * before.abs().max()
     assert torch.equal(model.get_submodule(Q).weight, before)
@@ -34,7 +51,7 @@ def test_smoothing_flattens_outliers_and_returns_the_smoothed_stats(tiny_model):
     model = _with_outliers(tiny_model)
     samples = _samples(model.config.vocab_size)
     stats = collect_stats(model, samples)
-    smoothed, adjusted = smooth(model, stats, SmoothQuantConfig(alpha=0.5))
+    smoothed, adjusted = smooth(model, stats, SmoothQuantConfig(smoothing_strength=0.5))
     recomputed = collect_stats(smoothed, samples)
     before = stats.summary()[Q]["outlier_ratio"]
     after = recomputed.summary()[Q]["outlier_ratio"]
@@ -46,7 +63,7 @@ def test_smoothing_flattens_outliers_and_returns_the_smoothed_stats(tiny_model):
 
 def test_alpha_zero_moves_all_range_into_activations(tiny_model):
     stats = collect_stats(tiny_model, _samples(tiny_model.config.vocab_size))
-    smoothed, _ = smooth(tiny_model, stats, SmoothQuantConfig(alpha=0.0))
+    smoothed, _ = smooth(tiny_model, stats, SmoothQuantConfig(smoothing_strength=0.0))
     # s = 1 / max|W_j| over q, k and v: every input column's largest weight becomes exactly 1
     qkv = [smoothed.get_submodule(Q.replace("q_proj", p)).weight for p in ("q_proj", "k_proj", "v_proj")]
     torch.testing.assert_close(torch.cat(qkv).abs().amax(0), torch.ones(qkv[0].shape[1]))
@@ -59,4 +76,14 @@ def test_linear_groups_switch_smooths_down_proj_only_when_on(tiny_model):
     both, adjusted = smooth(tiny_model, stats, SmoothQuantConfig())
     assert torch.equal(norms_only.get_submodule(down).weight, tiny_model.get_submodule(down).weight)
     assert not torch.equal(both.get_submodule(down).weight, tiny_model.get_submodule(down).weight)
-    assert adjusted.meta["smoothquant"] == {"alpha": 0.5, "linear_groups": True}
+    assert set(adjusted.layers) == set(stats.layers)
+
+
+def test_the_walk_makes_the_same_smoothed_model(tiny_model):
+    """transformed() runs the method through the walk: the same float model as folding layer by layer here."""
+    stats = collect_stats(tiny_model, _samples(tiny_model.config.vocab_size))
+    spec = QuantSpec(name="sq", scheme="W8A8", method="smoothquant", options={"smoothing_strength": 0.8})
+    by_hand, _ = smooth(tiny_model, stats, SmoothQuantConfig(smoothing_strength=0.8))
+    walked = transformed(tiny_model, spec, stats)
+    for k, v in by_hand.state_dict().items():
+        assert torch.equal(walked.state_dict()[k], v), k
