@@ -68,12 +68,14 @@ def _quantize(args: argparse.Namespace) -> int:
     try:
         spec = QuantSpec.model_validate(spec)
         model_cfg = ModelConfig(source=args.model, dtype=args.dtype)
+        SelectConfig(sources=tuple(args.data), num_samples=args.num_samples, seq_len=args.seq_len)
     except ValidationError as err:
         raise CalqError(f"bad arguments: {err.errors()[0]['msg']}") from None
     model, tokenizer = load_model(model_cfg)
     samples = None
     if METHODS[spec.method].needs_inputs or METHODS[spec.method].needs_stats or spec.static_activations:
-        samples = select_samples(tokenizer, SelectConfig(num_samples=args.num_samples)).token_ids
+        cfg = SelectConfig(sources=tuple(args.data), num_samples=args.num_samples, seq_len=args.seq_len)
+        samples = select_samples(tokenizer, cfg).token_ids
     result = quantize_variant(model, spec, samples=samples)
     if args.format == "calq":
         save_quantized(result, tokenizer, args.out)
@@ -198,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=None, help="override the preset's group size (W4)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option, repeatable")
     p.add_argument("--ignore", nargs="*", default=["lm_head"], help="fnmatch patterns kept in full precision")
+    p.add_argument("--data", nargs="+", default=["wikipedia", "news", "reviews"],
+                   help="calibration sources: built-in names or .txt/.jsonl/.parquet files")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (methods that need them)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--format", default="calq", choices=["calq", "compressed-tensors", "awq", "gguf"])
     p.add_argument("--name", default=None, help="variant name (default: the output directory's name)")
