@@ -23,7 +23,7 @@ from quant.confidence.bands import ABSTAIN, UNSURE, BandConfig, band_of
 from quant.data import MCItem
 from quant.errors import CalqError
 from quant.evaluate import REFERENCE
-from quant.evaluate.evaluation import LETTERS, letter_token_ids, mmlu_prompt
+from quant.evaluate.evaluation import LETTERS, encode_prompt, letter_token_ids, mmlu_prompt, templated
 from quant.formats import load, run_variants
 from quant.formats.checkpoint import MANIFEST
 from quant.models import ModelConfig, load_model
@@ -77,9 +77,9 @@ def _choice_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, questio
                    cfg: BandConfig) -> Answer:
     if not 2 <= len(choices) <= len(LETTERS):
         raise CalqError(f"{len(choices)} choices given; multiple choice takes 2 to {len(LETTERS)}")
-    chat = bool(tokenizer.chat_template)
+    chat = templated(tokenizer, True)
     item = MCItem("ask", "general knowledge", question, tuple(choices), -1)
-    ids = tokenizer(mmlu_prompt(item, tokenizer, chat), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([encode_prompt(tokenizer, mmlu_prompt(item, tokenizer, chat), chat)])
     logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1).logits
     probs = logits[0, -1, letter_token_ids(tokenizer, chat)[:len(choices)]].float().softmax(-1).cpu()
     ranked = [(f"{LETTERS[i]}. {choices[i]}", float(probs[i])) for i in probs.argsort(descending=True).tolist()]
@@ -90,10 +90,10 @@ def _choice_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, questio
 @torch.inference_mode()
 def _free_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, cfg: BandConfig,
                  max_new_tokens: int) -> Answer:
+    chat = templated(tokenizer, True)
     prompt = (tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                            add_generation_prompt=True)
-              if tokenizer.chat_template else f"Question: {question}\nAnswer:")
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                                            add_generation_prompt=True) if chat else f"Question: {question}\nAnswer:")
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, chat)])
     ids = ids.to(next(model.parameters()).device)
     eos = model.generation_config.eos_token_id
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}

@@ -19,8 +19,9 @@ import torch
 from quant.calibrate import ActivationStats, Streamed, collect_stats
 from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, recalibrate, reference_logits
 from quant.confidence.recalibrate import TemperatureFit
-from quant.data import Selection, select_samples
+from quant.data import Selection, select_samples, special_prefix
 from quant.evaluate import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
+from quant.evaluate.evaluation import templated
 from quant.evaluate.plots import confidence_histogram, reliability_diagram
 from quant.evaluate.report import write_report
 from quant.files import atomic_path
@@ -121,6 +122,20 @@ def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path,
     return selection, _stats(recipe, model, selection, run_dir / "stats") if with_stats else None
 
 
+def _setup(recipe: Recipe, tokenizer) -> str:
+    """One line of what the evaluation read, as the report states it."""
+    text, mmlu = recipe.evaluation.text, recipe.evaluation.mmlu
+    prefix = tokenizer.convert_ids_to_tokens(special_prefix(tokenizer))
+    starts = f"each starting with {' '.join(prefix)} (the tokenizer's own prefix)" if prefix else \
+        "no BOS (the tokenizer adds none)"
+    line = (f"held-out text: {text.windows} x {text.seq_len} tokens of {', '.join(text.sources)} (evaluation split), "
+            f"{starts}; MMLU: ")
+    if mmlu is None:
+        return line + "off"
+    prompt = "chat template" if templated(tokenizer, mmlu.chat_template) else "plain prompt ending 'Answer:'"
+    return line + f"{mmlu.per_subject} items per subject (report split), {prompt}"
+
+
 def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     run_dir = Path(run_dir or recipe.run_dir)
     timings: dict[str, float] = {}
@@ -190,10 +205,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                             "layers_kept": len(v.kept) if v else "all", "kept": v.kept if v else {}}
     report = {
         "recipe": recipe.model_dump(mode="json"), "reference": REFERENCE,
-        "evaluation_setup": (f"held-out text: {recipe.evaluation.text.windows} x {recipe.evaluation.text.seq_len} "
-                             f"tokens of {', '.join(recipe.evaluation.text.sources)} (evaluation split); MMLU: "
-                             + (f"{recipe.evaluation.mmlu.per_subject} items per subject (report split)"
-                                if recipe.evaluation.mmlu else "off")),
+        "evaluation_setup": _setup(recipe, tokenizer),
+        "special_prefix": tokenizer.convert_ids_to_tokens(special_prefix(tokenizer)),
         "calibration": {k: v for k, v in selection.manifest().items() if k != "samples"},
         "stats": {"layers": len(stats.layers), "top_outlier_layers": dict(sorted(
             stats.summary().items(), key=lambda kv: -kv[1]["outlier_ratio"])[:5])},

@@ -3,13 +3,14 @@ several architecture families, so stage tests run in seconds without any downloa
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: kernel tests run interpreted on CPU
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
@@ -39,6 +40,17 @@ def tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
+    """The test tokenizer, adding a BOS before every text as Llama-3's and Gemma's do."""
+    tok = copy.deepcopy(tokenizer)
+    bos = "<|im_start|>"
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    tok.bos_token = bos
+    return tok
 
 
 def tiny_config(family: str, vocab: int):

@@ -83,13 +83,26 @@ class Selection:
                    manifest["per_source"], manifest["pool_size"], manifest["duplicates_removed"])
 
 
-def _windows(docs: list[Document], tokenizer: PreTrainedTokenizerBase, cfg: SelectConfig):
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens the tokenizer puts before any text with add_special_tokens=True: a BOS for Llama-3 and Gemma
+    (Llama-3 keeps its attention sink there), none for SmolLM2. Every calibration and evaluation window starts
+    with them, as the model sees text in deployment; being first, they are never a prediction target."""
+    text = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next((i for i in range(len(full) - len(text) + 1) if full[i:i + len(text)] == text), 0)
+    return list(full[:start])
+
+
+def _windows(docs: list[Document], tokenizer: PreTrainedTokenizerBase, cfg: SelectConfig, prefix: list[int]):
+    """(doc, start, window): the documents' tokens cut into windows of at most seq_len tokens, each starting with
+    the special prefix; `start` is the text's token offset in its document."""
+    step = cfg.seq_len - len(prefix)
     encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
     for doc, ids in zip(docs, encoded):
-        for start in range(0, len(ids), cfg.seq_len):
-            chunk = ids[start:start + cfg.seq_len]
+        for start in range(0, len(ids), step):
+            chunk = ids[start:start + step]
             if len(chunk) >= cfg.min_len:
-                yield doc, start, chunk
+                yield doc, start, prefix + chunk
 
 
 def _embed(texts: list[str], lengths: np.ndarray, seed: int) -> np.ndarray:
@@ -151,7 +164,8 @@ def select_samples(tokenizer: PreTrainedTokenizerBase, cfg: SelectConfig,
                    documents: list[Document] | None = None) -> Selection:
     """Pick `cfg.num_samples` diverse, deduplicated windows from the calibration split of `cfg.sources`."""
     docs = documents if documents is not None else [d for s in cfg.sources for d in load_documents(s, "calibration")]
-    pool = list(tqdm(_windows(docs, tokenizer, cfg), desc="tokenize pool", unit="window", leave=False))
+    prefix = special_prefix(tokenizer)
+    pool = list(tqdm(_windows(docs, tokenizer, cfg, prefix), desc="tokenize pool", unit="window", leave=False))
     # exact duplicates (same tokens) first, then near duplicates by TF-IDF cosine.
     seen, unique = set(), []
     for doc, start, chunk in pool:
@@ -159,7 +173,7 @@ def select_samples(tokenizer: PreTrainedTokenizerBase, cfg: SelectConfig,
         if key not in seen:
             seen.add(key)
             unique.append((doc, start, chunk, key))
-    texts = [tokenizer.decode(c) for _, _, c, _ in unique]
+    texts = [tokenizer.decode(c[len(prefix):]) for _, _, c, _ in unique]
     if len(unique) < 3:
         raise CalqError(f"the calibration pool has {len(unique)} windows of >= {cfg.min_len} tokens; "
                         f"add sources or lower calibration.min_len")
@@ -195,7 +209,7 @@ def select_samples(tokenizer: PreTrainedTokenizerBase, cfg: SelectConfig,
     samples, token_ids = [], []
     for j in chosen:
         doc, start, chunk, key = unique[idx_pool[j]]
-        samples.append(Sample(doc.source, doc.doc_id, start, start + len(chunk), key))
+        samples.append(Sample(doc.source, doc.doc_id, start, start + len(chunk) - len(prefix), key))
         token_ids.append(torch.tensor(chunk, dtype=torch.long))
     per_source = {s: int(sum(1 for x in samples if x.source == s)) for s in sources}
     return Selection(samples, token_ids, diversity, per_source, len(pool), duplicates)

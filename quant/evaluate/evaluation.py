@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from quant.confidence import metrics
 from quant.confidence.lens import LensConfig
 from quant.confidence.recalibrate import Models, forward_groups
-from quant.data import MCItem, load_documents, load_mmlu
+from quant.data import MCItem, load_documents, load_mmlu, special_prefix
 from quant.errors import CalqError
 from quant.schema import StrictModel
 
@@ -122,14 +122,17 @@ class ModelEval:
 # ----------------------------------------------------------------------------------------------
 
 def eval_windows(tokenizer: PreTrainedTokenizerBase, cfg: TextEvalConfig) -> list[Tensor]:
-    """The first `windows` non-overlapping windows of the evaluation split, documents in order."""
+    """The first `windows` non-overlapping windows of the evaluation split, documents in order, each starting with
+    the tokenizer's special prefix (its BOS, if it has one; never a target)."""
     docs = [d for s in cfg.sources for d in load_documents(s, "evaluation")]
     ids = tokenizer("\n\n".join(d.text for d in docs), add_special_tokens=False)["input_ids"]
-    n = len(ids) // cfg.seq_len
+    prefix = special_prefix(tokenizer)
+    step = cfg.seq_len - len(prefix)
+    n = len(ids) // step
     if n < cfg.windows:
         raise CalqError(f"evaluation text has {n} windows of {cfg.seq_len} tokens, {cfg.windows} requested; "
                         "lower evaluation.text.windows or add sources")
-    return [torch.tensor(ids[i * cfg.seq_len:(i + 1) * cfg.seq_len]) for i in range(cfg.windows)]
+    return [torch.tensor(prefix + ids[i * step:(i + 1) * step]) for i in range(cfg.windows)]
 
 
 @torch.inference_mode()
@@ -181,22 +184,35 @@ def stratified_items(items: list[MCItem], per_subject: int, seed: int) -> list[M
     return [it for subj in sorted(by_subject) for it in sorted(by_subject[subj], key=key)[:per_subject]]
 
 
-def mmlu_prompt(item: MCItem, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> str:
+def templated(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> bool:
+    """Whether prompts go through the tokenizer's chat template: asked for, and the tokenizer has one. This one
+    decision drives the prompt, its special tokens and the answer letters' tokens ("A" after the template's
+    assistant turn, " A" after "Answer:")."""
+    return chat_template and bool(tokenizer.chat_template)
+
+
+def mmlu_prompt(item: MCItem, tokenizer: PreTrainedTokenizerBase, use_template: bool) -> str:
     subject = item.subject.replace("_", " ")
     body = (f"The following is a multiple choice question about {subject}.\n\n{item.question}\n"
             + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(item.choices))
             + "Answer with the letter of the correct option.")
-    if chat_template and tokenizer.chat_template:
+    if use_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                              add_generation_prompt=True)
     return body + "\nAnswer:"
 
 
-def letter_token_ids(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[int]:
-    """Token id of each answer letter as it would follow the prompt."""
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, use_template: bool) -> list[int]:
+    """A chat template writes its own special tokens (Llama-3's and Gemma's BOS among them); a plain prompt gets
+    the tokenizer's, as in deployment."""
+    return tokenizer(prompt, add_special_tokens=not use_template)["input_ids"]
+
+
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, use_template: bool) -> list[int]:
+    """Token id of each answer letter as it follows the prompt."""
     ids = []
     for letter in LETTERS:
-        toks = tokenizer.encode(letter if chat_template else f" {letter}", add_special_tokens=False)
+        toks = tokenizer.encode(letter if use_template else f" {letter}", add_special_tokens=False)
         if len(toks) != 1:
             raise CalqError(f"the tokenizer splits answer letter {letter!r} into {len(toks)} tokens; "
                             "MMLU letter scoring needs single-token letters (set evaluation.mmlu: null)")
@@ -209,9 +225,9 @@ def mmlu_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, items
                cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
     """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
     batch from rank (the other rows stay 0), so processes share the work with the same batches."""
-    letters = letter_token_ids(tokenizer, cfg.chat_template)
-    encoded = [tokenizer(mmlu_prompt(it, tokenizer, cfg.chat_template), add_special_tokens=False)["input_ids"]
-               for it in items]
+    use_template = templated(tokenizer, cfg.chat_template)
+    letters = letter_token_ids(tokenizer, use_template)
+    encoded = [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template), use_template) for it in items]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probs = {name: np.zeros((len(items), len(LETTERS))) for name in models}

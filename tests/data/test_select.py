@@ -52,3 +52,11 @@ def test_strategies_differ(tokenizer):
 def test_too_few_texts_is_a_clear_error(tokenizer):
     with pytest.raises(CalqError, match="only .* distinct windows but 500 samples were requested"):
         select_samples(tokenizer, SelectConfig(num_samples=500, seq_len=64, min_len=16), documents=_docs(10))
+
+
+def test_calibration_windows_start_with_the_bos_and_keep_their_length(bos_tokenizer):
+    bos = bos_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    cfg = SelectConfig(num_samples=12, seq_len=64, min_len=16)
+    sel = select_samples(bos_tokenizer, cfg, documents=_docs())
+    assert all(t[0] == bos and (t[1:] != bos).all() and len(t) <= 64 for t in sel.token_ids)
+    assert all(s.end - s.start == len(t) - 1 for s, t in zip(sel.samples, sel.token_ids))  # offsets count text only

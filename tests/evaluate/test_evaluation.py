@@ -1,12 +1,15 @@
+import copy
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from quant.confidence import metrics
-from quant.evaluate.evaluation import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig, evaluate,
-                            letter_token_ids, mmlu_prompt, reduce, stratified_items)
-from quant.data import load_mmlu
+from quant.data import MCItem, load_mmlu, special_prefix
+from quant.evaluate.evaluation import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig,
+                                       collect_text, eval_windows, evaluate, letter_token_ids, mmlu_probabilities,
+                                       mmlu_prompt, reduce, stratified_items)
 from quant.methods import QuantSpec, WeightScheme, quantize_variant
 
 CFG = EvalConfig(text=TextEvalConfig(windows=2, seq_len=64), mmlu=MMLUConfig(per_subject=1, batch_size=16))
@@ -87,7 +90,7 @@ def test_mmlu_subset_is_stratified_and_stable(tokenizer):
     assert [it.item_id for it in a] != [it.item_id for it in stratified_items(items, 3, seed=1)]
     fit = {it.item_id for it in load_mmlu("fit")}
     assert not fit & {it.item_id for it in a}  # temperatures are never fitted on reported items
-    prompt = mmlu_prompt(a[0], tokenizer, chat_template=True)
+    prompt = mmlu_prompt(a[0], tokenizer, use_template=True)
     assert prompt.endswith("<|im_start|>assistant\n") and "A. " in prompt and "D. " in prompt
     assert len(set(letter_token_ids(tokenizer, True))) == 4
 
@@ -97,3 +100,29 @@ def test_too_few_eval_windows_is_a_clear_error(tiny_model, tokenizer):
     cfg = EvalConfig(text=TextEvalConfig(windows=100_000, seq_len=512), mmlu=None)
     with pytest.raises(CalqError, match="lower evaluation.text.windows"):
         evaluate({"fp": tiny_model}, tokenizer, cfg, reference="fp")
+
+
+def test_mmlu_without_a_chat_template_scores_the_letters_that_follow_answer(tiny_model, tokenizer):
+    """A base model's tokenizer has no chat template: the prompt ends in "Answer:", so the letters scored are " A",
+    " B", ... (one decision drives both), and the prompt gets the tokenizer's own special tokens."""
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    item = MCItem("t", "general knowledge", "Which is first?", ("alpha", "beta", "gamma", "delta"), 0)
+    probs = mmlu_probabilities({"m": tiny_model}, plain, [item], MMLUConfig(chat_template=True))["m"][0]
+    prompt = mmlu_prompt(item, plain, use_template=False)
+    assert prompt.endswith("\nAnswer:")
+    logits = tiny_model(input_ids=torch.tensor([plain(prompt)["input_ids"]])).logits[0, -1]
+    letters = [plain.encode(f" {letter}", add_special_tokens=False)[0] for letter in "ABCD"]
+    assert letter_token_ids(plain, False) == letters != letter_token_ids(plain, True)
+    np.testing.assert_allclose(probs, logits[letters].softmax(-1).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_windows_start_with_the_tokenizers_bos_which_is_never_a_target(tiny_model, bos_tokenizer, tokenizer):
+    bos = bos_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert special_prefix(bos_tokenizer) == [bos] and special_prefix(tokenizer) == []
+    cfg = TextEvalConfig(windows=3, seq_len=64)
+    with_bos, plain = eval_windows(bos_tokenizer, cfg), eval_windows(tokenizer, cfg)
+    assert all(len(w) == 64 and w[0] == bos and (w[1:] != bos).all() for w in with_bos)
+    assert torch.equal(with_bos[0][1:], plain[0][:63])  # the same text, shifted by the BOS
+    preds = collect_text({"fp": tiny_model}, with_bos, "fp")["fp"]
+    assert len(preds.correct) == 3 * 63  # every text token is a target, the BOS none
