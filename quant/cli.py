@@ -150,7 +150,8 @@ def _gate(args: argparse.Namespace) -> int:
     report = GateReport.load(path / "gate.json" if path.is_dir() else path)
     for r in report.results:
         print(r.line())
-    print(f"gate: {'PASS' if report.passed else 'FAIL'} ({sum(r.passed for r in report.results)}/{len(report.results)})")
+    passed = sum(r.passed for r in report.results)
+    print(f"gate: {'PASS' if report.passed else 'FAIL'} ({passed}/{len(report.results)})")
     if args.junit:
         write_text_atomic(args.junit, report.junit())
         print(f"junit: {args.junit}")
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a recipe end to end (select, stats, quantize, evaluate, gate, report)")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/default.yaml")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: the recipe's `output`)")
-    p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a gate fails")
+    p.add_argument("--enforce-gates", action=argparse.BooleanOptionalAction, default=True,
+                   help="exit 1 when a gate fails (the default: a release gate that passes by default is a trap in "
+                        "CI); --no-enforce-gates exits 0 and leaves the verdict to `calq gate`")
     p.set_defaults(fn=_run)
     p = sub.add_parser("compare", help="the recipe's variants side by side, as they quantize (recipes/compare.yaml)")
     p.add_argument("recipe", help="recipe YAML whose model, calibration, variants and evaluation are used")

@@ -7,6 +7,8 @@ them, and a changed recipe recomputes them. Every artifact is written atomically
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -19,7 +21,7 @@ import torch
 from quant.calibrate import ActivationStats, Streamed, collect_stats
 from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, recalibrate, reference_logits
 from quant.confidence.recalibrate import TemperatureFit
-from quant.data import Selection, select_samples, special_prefix
+from quant.data import Selection, select_samples, source_fingerprint, special_prefix
 from quant.evaluate import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
 from quant.evaluate.evaluation import templated
 from quant.evaluate.plots import confidence_histogram, reliability_diagram
@@ -27,7 +29,7 @@ from quant.evaluate.report import write_report
 from quant.files import atomic_path
 from quant.formats import export, save_quantized
 from quant.methods import QuantizeResult, quantize_variant, quantize_variants
-from quant.models import load_model
+from quant.models import load_model, model_fingerprint
 from quant.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,22 @@ class RunResult:
     """Fitted temperature per variant (empty when the recipe's recalibrate is null)."""
 
 
+def calibration_fingerprint(recipe: Recipe) -> str:
+    """What the cached stages (samples, statistics) were computed from: the recipe's model and calibration sections
+    and the content of what they read (model files, tokenizer, data files)."""
+    content = {"model": model_fingerprint(recipe.model),
+               "data": [source_fingerprint(s) for s in recipe.calibration.sources]}
+    return hashlib.sha256(json.dumps([recipe.section_hash("model", "calibration"), content]).encode()).hexdigest()[:16]
+
+
 def _fingerprint_ok(directory: Path, fingerprint: str) -> bool:
     stamp = directory / "fingerprint"
     return stamp.exists() and stamp.read_text().strip() == fingerprint
 
 
-def _selection(recipe: Recipe, tokenizer, directory: Path) -> Selection:
-    fingerprint = recipe.section_hash("model", "calibration")
-    if _fingerprint_ok(directory, fingerprint):
+def _selection(recipe: Recipe, tokenizer, directory: Path, fingerprint: str, reused: dict) -> Selection:
+    reused["calibration samples"] = _fingerprint_ok(directory, fingerprint)
+    if reused["calibration samples"]:
         return Selection.load(directory)
     selection = select_samples(tokenizer, recipe.calibration)
     with atomic_path(directory) as tmp:
@@ -84,42 +94,50 @@ def _selection(recipe: Recipe, tokenizer, directory: Path) -> Selection:
     return selection
 
 
-def _cached_stats(recipe: Recipe, directory: Path) -> ActivationStats | None:
+def _cached_stats(directory: Path, fingerprint: str, reused: dict) -> ActivationStats | None:
+    stats = None
     if (directory / "stats.json").exists():
         stats = ActivationStats.load(directory)
-        if stats.meta.get("fingerprint") == recipe.section_hash("model", "calibration"):
-            return stats
-    return None
+        if stats.meta.get("fingerprint") != fingerprint:
+            stats = None
+    reused["activation statistics"] = stats is not None
+    return stats
 
 
-def _stats_meta(recipe: Recipe) -> dict:
-    return {"model": recipe.model.source, "fingerprint": recipe.section_hash("model", "calibration")}
+def _stats_meta(recipe: Recipe, fingerprint: str) -> dict:
+    return {"model": recipe.model.source, "fingerprint": fingerprint}
 
 
-def _stats(recipe: Recipe, model, selection: Selection, directory: Path) -> ActivationStats:
-    stats = _cached_stats(recipe, directory)
+def _stats(recipe: Recipe, model, selection: Selection, directory: Path, fingerprint: str,
+           reused: dict) -> ActivationStats:
+    stats = _cached_stats(directory, fingerprint, reused)
     if stats is None:
-        stats = collect_stats(model, selection.token_ids, meta=_stats_meta(recipe))
+        stats = collect_stats(model, selection.token_ids, meta=_stats_meta(recipe, fingerprint))
         stats.save(directory)
     return stats
 
 
-def _sequential(recipe: Recipe, selection: Selection, directory: Path) -> tuple[ActivationStats, dict]:
+def _sequential(recipe: Recipe, selection: Selection, directory: Path, fingerprint: str,
+                reused: dict) -> tuple[ActivationStats, dict]:
     """Statistics (unless cached) and every variant in one walk over the checkpoint streamed from disk."""
-    cached = _cached_stats(recipe, directory)
+    cached = _cached_stats(directory, fingerprint, reused)
     stats, variants = quantize_variants(Streamed(recipe.model, recipe.sequential.device), selection.token_ids,
-                                        recipe.quantize, cached, recipe.sequential.propagate, meta=_stats_meta(recipe))
+                                        recipe.quantize, cached, recipe.sequential.propagate,
+                                        meta=_stats_meta(recipe, fingerprint))
     if cached is None:
         stats.save(directory)
     return stats, variants
 
 
-def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path,
-              with_stats: bool = True) -> tuple[Selection, ActivationStats | None]:
-    """The recipe's calibration samples and (unless weight-only work needs none) activation statistics,
-    cached in `run_dir` and reused when fresh."""
-    selection = _selection(recipe, tokenizer, run_dir / "calibration")
-    return selection, _stats(recipe, model, selection, run_dir / "stats") if with_stats else None
+def calibrate(recipe: Recipe, model, tokenizer, run_dir: Path, with_stats: bool = True,
+              reused: dict | None = None) -> tuple[Selection, ActivationStats | None]:
+    """The recipe's calibration samples and (unless weight-only work needs none) activation statistics, cached in
+    `run_dir` and reused when what they were computed from is unchanged; `reused` records which were."""
+    reused = {} if reused is None else reused
+    fingerprint = calibration_fingerprint(recipe)
+    selection = _selection(recipe, tokenizer, run_dir / "calibration", fingerprint, reused)
+    stats = _stats(recipe, model, selection, run_dir / "stats", fingerprint, reused) if with_stats else None
+    return selection, stats
 
 
 def _setup(recipe: Recipe, tokenizer) -> str:
@@ -152,11 +170,12 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     model, tokenizer = timed("load_model", load_model, recipe.model)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad recipe leaves no run dir
     (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=1))
-    selection = timed("select_samples", _selection, recipe, tokenizer, run_dir / "calibration")
+    fingerprint, reused = calibration_fingerprint(recipe), {}
+    selection = timed("select_samples", _selection, recipe, tokenizer, run_dir / "calibration", fingerprint, reused)
     if recipe.sequential is not None:
-        stats, variants = timed("sequential", _sequential, recipe, selection, run_dir / "stats")
+        stats, variants = timed("sequential", _sequential, recipe, selection, run_dir / "stats", fingerprint, reused)
     else:
-        stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats")
+        stats = timed("activation_stats", _stats, recipe, model, selection, run_dir / "stats", fingerprint, reused)
         variants = {spec.name: timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats,
                                      selection.token_ids)
                     for spec in recipe.quantize}
@@ -216,6 +235,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         "recalibration": {n: {**asdict(f), "variant": n + SUFFIX} for n, f in fits.items()},
         "logit_lens": lens.table() if lens else None,
         "confidence_bands": {},
+        "cache": {"fingerprint": fingerprint, "reused": reused},
         "timings": timings,
         "peak_rss_mb": peak_mb,
         "torch_threads": torch.get_num_threads(),

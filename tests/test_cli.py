@@ -63,3 +63,11 @@ def test_eval_of_a_run_directory_and_of_checkpoints(tiny_run, saved, capsys):  #
     assert main(["eval", str(run_dir / "models" / "w4"), "--reference", recipe["model"]["source"]]) == 0
     assert main(["eval", str(run_dir / "models" / "w4")]) == 2
     assert "give --reference MODEL" in capsys.readouterr().err
+
+
+def test_run_fails_by_default_when_a_gate_fails(tiny_run, tmp_path, capsys):  # noqa: F811
+    """A release gate that passes by default is a trap in CI: `calq run` exits 1 on a failed gate unless told not to."""
+    recipe = tiny_run.run_dir.parent / "tiny.yaml"  # its mmlu.accuracy >= 0.99 gate fails
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 1
+    assert "FAIL w4+T: mmlu.accuracy" in capsys.readouterr().out
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--no-enforce-gates"]) == 0

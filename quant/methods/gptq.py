@@ -62,7 +62,8 @@ def gptq_weight(weight: Tensor, gram: Tensor, scheme: WeightScheme, damp: float 
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as err:
-        raise CalqError(f"GPTQ: the input Hessian is not positive definite ({err}); raise options.dampening_frac") from err
+        raise CalqError(f"GPTQ: the input Hessian is not positive definite ({err}); "
+                        "raise options.dampening_frac") from err
     lo, hi = code_range(scheme)
     column_group = (perm // group).tolist()
     q = torch.empty_like(w)

