@@ -23,7 +23,7 @@ from torch import Tensor
 from quant.calibrate.capture import input_sites
 from quant.methods.mappings import architecture, smoothing_groups, unclipped
 from quant.methods.quantizer import is_ignored
-from quant.methods.schemes import WeightScheme, fake_quantize, grouped
+from quant.methods.schemes import Codes, WeightScheme, fake_quantize, grouped, quantize_weight
 from quant.methods.step import LayerCall, LayerChange, Method, TokenBudget
 from quant.models import fold_scales
 
@@ -87,8 +87,8 @@ def best_clip(weight: Tensor, gram: Tensor, scheme: WeightScheme, clip_grid: int
 
 
 def clip_weight(weight: Tensor, scheme: WeightScheme, clip: Tensor) -> Tensor:
-    """Clamp each group to the range quantize_weight(weight, scheme, clip) spans, so the min-max
-    quantizer run later on the clamped weight finds exactly the chosen range."""
+    """Clamp each group to the range quantize_weight(weight, scheme, clip) rounds within: AWQ's float model, whose
+    min-max range is the chosen one (its codes are handed over directly, see awq_layer)."""
     n, k = weight.shape
     g = grouped(weight.float(), scheme.group_size)
     if scheme.symmetric:
@@ -106,9 +106,10 @@ def clip_weight(weight: Tensor, scheme: WeightScheme, clip: Tensor) -> Tensor:
 
 @torch.no_grad()
 def awq_layer(call: LayerCall) -> LayerChange:
-    """Search and fold AWQ scales and clip the weights of one decoder layer in place, on its calibration inputs.
-    Linears matching `ignore` stay in full precision, so they are never clipped (folding scales into them keeps
-    their function)."""
+    """Search and fold AWQ scales and clip the weights of one decoder layer in place, on its calibration inputs, and
+    hand the clipped linears' codes (quantize_weight at the chosen range) to the quantizer: re-rounding the clamped
+    float weight could land a group's end one code off at a rounding tie. Linears matching `ignore` stay in full
+    precision, so they are never clipped (folding scales into them keeps their function)."""
     cfg: AWQConfig = call.options
     arch = architecture(call.model_type, "AWQ")
     sites = input_sites(call.layer, call.inputs.hidden, call.inputs.kwargs)
@@ -119,14 +120,16 @@ def awq_layer(call: LayerCall) -> LayerChange:
         s = best_scales(site.sum_abs / site.tokens, site.gram, weight, call.weights, cfg.n_grid)
         fold_scales(group.prev, group.linears, s)
         site.gram = site.gram / (s[:, None] * s[None, :])  # the linears now read X / s
+    codes = {}
     if cfg.clip:
         keep = unclipped(call.layer, arch)
         for site in sites:
             for name, lin in zip(site.names, site.linears):
                 if name not in keep and not is_ignored(name, call.ignore):
                     clip = best_clip(lin.weight, site.gram, call.weights, cfg.clip_grid, cfg.max_shrink)
+                    codes[name] = Codes(*quantize_weight(lin.weight, call.weights, clip))
                     lin.weight.copy_(clip_weight(lin.weight, call.weights, clip))
-    return LayerChange()
+    return LayerChange(codes=codes)
 
 
 METHOD = Method("awq", AWQConfig, awq_layer, check_model=lambda model_type: architecture(model_type, "AWQ"))

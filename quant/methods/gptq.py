@@ -76,7 +76,7 @@ def gptq_weight(weight: Tensor, gram: Tensor, scheme: WeightScheme, damp: float 
             scale[:, start // group], zero[:, start // group] = s[:, 0], z[:, 0]
         for i in range(end - start):
             g = column_group[start + i]
-            codes = (block[:, i] / scale[:, g] + zero[:, g]).round().clamp(lo, hi)
+            codes = ((block[:, i] / scale[:, g]).round() + zero[:, g]).clamp(lo, hi)
             q[:, start + i] = codes
             err[:, i] = (block[:, i] - (codes - zero[:, g]) * scale[:, g]) / hinv[start + i, start + i]
             block[:, i:] -= err[:, i, None] * hinv[start + i, start + i:end][None, :]

@@ -1,7 +1,9 @@
 """What a quantization scheme is, in compressed-tensors' vocabulary (num_bits, strategy, group_size, symmetric,
 dynamic; presets W4A16, W8A8, ...), and the pure math of rounding a weight with one.
 
-int4 codes are unsigned, [0, 15] around a zero point (8 when symmetric); int8 codes are signed, [-127, 127].
+int4 codes are unsigned, [0, 15] around a zero point; symmetric int4 uses compressed-tensors' and GPTQ's grid,
+scale = absmax / 7.5 and zero point 8, so its exports hold the very codes. int8 codes are signed, [-127, 127],
+scale = absmax / 127.
 """
 
 from __future__ import annotations
@@ -109,16 +111,16 @@ def quantize_weight(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0)
     bits = scheme.num_bits
     qmax = 2**bits - 1
     lo_code, hi_code = code_range(scheme)
-    if scheme.symmetric:
+    if scheme.symmetric:  # int4: the grid of compressed-tensors and GPTQ, absmax / 7.5 around zero point 8
         absmax = g.abs().amax(-1) * clip
-        scale = absmax.clamp(min=1e-8) / ((qmax + 1) / 2 if bits == 4 else 127)
+        scale = absmax.clamp(min=1e-8) / (qmax / 2 if bits == 4 else 127)
         zero = torch.full_like(scale, (qmax + 1) // 2 if bits == 4 else 0)
     else:
         lo = g.amin(-1).clamp(max=0) * clip
         hi = g.amax(-1).clamp(min=0) * clip
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
         zero = (-lo / scale).round().clamp(0, qmax)
-    q = (g / scale[..., None] + zero[..., None]).round_().clamp_(lo_code, hi_code)
+    q = ((g / scale[..., None]).round_() + zero[..., None]).clamp_(lo_code, hi_code)  # round, then shift: as CT/GPTQ
     return q.reshape(n, -1)[:, :k], scale, zero
 
 

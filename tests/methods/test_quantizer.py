@@ -23,8 +23,7 @@ def test_int4_error_is_at_most_half_a_step_including_ragged_group(group_size, sy
     assert q.min() >= 0 and q.max() <= 15 and torch.equal(q, q.round())
     err = (dequantize_codes(q, scale, zero, group_size) - w).abs()
     step = scale.repeat_interleave(group_size or 576, dim=1)[:, :576]
-    # symmetric clamps the most positive value (code 16 does not exist) by up to one step
-    assert (err <= step * (1.0 if symmetric else 0.5) + 1e-6).all()
+    assert (err <= step * 0.5 + 1e-6).all()  # symmetric too: +absmax is 7.5 steps, rounded to 7
 
 
 def test_int8_per_channel_symmetric():
@@ -124,3 +123,32 @@ def test_presets_are_compressed_tensors_schemes_and_old_keys_are_refused():
         QuantSpec(name="v", scheme="W4A16", method="awq", options={"n_grid": 0})
     with pytest.raises(ValueError, match="renamed: use n_grid"):
         QuantSpec(name="v", scheme="W4A16", method="awq", options={"grid": 4})
+
+
+def _gptq_reference_sym(w: torch.Tensor, group: int) -> torch.Tensor:
+    """GPTQ's own symmetric quantizer (Frantar et al., quant.py `Quantizer.find_params` with sym=True), per group:
+    xmax = max(|xmin|, xmax), scale = 2 xmax / maxq, zero = (maxq + 1) / 2, q = clamp(round(x / scale) + zero)."""
+    g = w.reshape(w.shape[0], -1, group)
+    xmax = torch.maximum(g.amin(-1).abs(), g.amax(-1))
+    scale = (2 * xmax / 15)[..., None]
+    q = torch.clamp(torch.round(g / scale) + 8, 0, 15)
+    return ((q - 8) * scale).reshape(w.shape)
+
+
+def test_symmetric_int4_is_compressed_tensors_and_gptq_value_for_value():
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+    w[3, 5], w[4, 200] = 9.0, -9.0  # a group whose extreme is positive, one whose extreme is negative
+    scheme = WeightScheme(num_bits=4, group_size=64)
+    ours = fake_quantize(w, scheme)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+    g = w.reshape(32, -1, 64)
+    scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), args)
+    theirs = ct_fake_quantize(w, scale, zero, args)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, _gptq_reference_sym(w, 64))
+    assert ours[3, 5] == pytest.approx(9.0 * 7 / 7.5)  # +absmax loses half a step, not a whole one
