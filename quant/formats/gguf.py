@@ -80,7 +80,50 @@ def gguf_pre_tokenizer(tokenizer) -> str:
                     "export to compressed-tensors instead, or convert with llama.cpp's convert_hf_to_gguf.py")
 
 
-def _gguf_vocab(writer, tokenizer, directory: Path) -> None:
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+"""RoPE variants the export writes in llama.cpp's terms; others (dynamic NTK, longrope, ...) are refused."""
+
+
+def rope_type(config) -> str:
+    """The model's RoPE variant, refused (one line, before anything is written) unless llama.cpp can be told."""
+    kind = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise CalqError(f"GGUF export cannot write RoPE scaling {kind!r} (writes {', '.join(ROPE_TYPES)}); "
+                        "use --format compressed-tensors")
+    return kind
+
+
+def llama3_rope_factors(config) -> Tensor:
+    """llama.cpp's rope_freqs tensor for Llama-3.1/3.2 scaling: per frequency, the factor the original frequency is
+    divided by, read off transformers' own llama3 RoPE initialisation."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    exponents = torch.arange(0, len(scaled) * 2, 2).double() / (2 * len(scaled))
+    default = config.rope_parameters["rope_theta"] ** -exponents
+    return (default / scaled.double()).float()
+
+
+def _write_rope(writer, config, kind: str) -> None:
+    import gguf
+
+    rope = config.rope_parameters
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else
+                                     gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if kind == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings")
+                                                 or config.max_position_embeddings))
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
+
+
+def _gguf_vocab(writer, tokenizer, directory: Path, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp's gpt2 BPE vocabulary, padded to the model's embedding rows (as llama.cpp's own
+    converter pads): the unused ids get placeholder tokens."""
     import gguf
 
     vocab = tokenizer.get_vocab()
@@ -94,6 +137,11 @@ def _gguf_vocab(writer, tokenizer, directory: Path) -> None:
     if len(vocab) != len(tokens):
         raise CalqError(f"tokenizer ids are not contiguous ({len(vocab)} tokens, {len(tokens)} ids); "
                         "GGUF needs one token per id")
+    if len(tokens) > vocab_size:
+        raise CalqError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embedding rows; "
+                        "they do not belong together")
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
@@ -110,6 +158,7 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
     if cfg.model_type != "llama":
         raise CalqError(f"GGUF export writes the llama architecture; this model is {cfg.model_type!r}: "
                         "use --format compressed-tensors")
+    rope = rope_type(cfg)
     bits, sym = src.info.spec.weights.num_bits, src.info.spec.weights.symmetric
     float_type = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
                   torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
@@ -128,6 +177,7 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    _write_rope(writer, cfg, rope)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if bits == 8 else
@@ -137,12 +187,14 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
         writer.add_float32("calq.temperature", src.calq["temperature"])
     if src.calq["gate"] is not None:
         writer.add_string("calq.gate", json.dumps(src.calq["gate"]))
-    _gguf_vocab(writer, src.tokenizer, src.directory)
+    _gguf_vocab(writer, src.tokenizer, src.directory, cfg.vocab_size)
 
     quantized = src.quantized
     tensors: dict[str, Tensor | QuantLinear] = {f"{n}.weight": q for n, q in quantized.items()}
     tensors.update({f"{n}.bias": q.bias.float() for n, q in quantized.items() if q.bias is not None})
     tensors.update(src.fp_state(torch.float32))
+    if rope == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(cfg).numpy())
     for hf_name, w in tensors.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:

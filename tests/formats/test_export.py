@@ -7,6 +7,7 @@ import json
 import shutil
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -276,3 +277,63 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_splits_text_with(tmp_path, token
     with pytest.raises(CalqError, match="no llama.cpp pre-tokenizer for this tokenizer's Metaspace"):
         export(tmp_path / "w8-metaspace", ExportConfig(format="gguf"), tmp_path / "gguf-metaspace")
     assert not (tmp_path / "gguf-metaspace").exists()
+
+
+def _llama3_factors_llamacpp(theta: float, dim: int, rope: dict) -> list[float]:
+    """llama.cpp's own rope_freqs for rope_type llama3 (its convert_hf_to_gguf.py), written out independently."""
+    import math
+
+    factor, low, high, old = (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                              rope["original_max_position_embeddings"])
+    out = []
+    for freq in 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim):
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default"},
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "dynamic", "factor": 2.0},
+])
+def test_gguf_writes_rope_scaling_and_pads_the_vocabulary(tmp_path, tokenizer, rope):
+    config = tiny_config("llama", len(tokenizer) + 6)  # 6 embedding rows the tokenizer does not use
+    config.rope_parameters = {"rope_theta": 10000.0, **rope}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    spec = QuantSpec(name="w8", scheme="W8A8")
+    save_quantized(quantize_variant(model, spec), tokenizer, tmp_path / "models" / "w8")
+    if rope["rope_type"] == "dynamic":
+        with pytest.raises(CalqError, match="cannot write RoPE scaling 'dynamic'"):
+            export(tmp_path / "models" / "w8", ExportConfig(format="gguf"), tmp_path / "gguf")
+        assert not (tmp_path / "gguf").exists()
+        return
+    out = export(tmp_path / "models" / "w8", ExportConfig(format="gguf"), tmp_path / "gguf").out
+    reader = gguf.GGUFReader(out / "model.gguf")
+    fields = {k: v.contents() for k, v in reader.fields.items() if k.startswith(("llama.rope", "tokenizer.ggml.t"))}
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == config.vocab_size and tokens[-1] == f"[PAD{config.vocab_size - 1}]"
+    assert fields["tokenizer.ggml.token_type"][-1] == gguf.TokenType.UNUSED
+    kind = rope["rope_type"]
+    assert fields.get("llama.rope.scaling.type") == (None if kind in ("default", "llama3") else kind)
+    if kind in ("linear", "yarn"):
+        assert fields["llama.rope.scaling.factor"] == pytest.approx(4.0)
+    if kind == "yarn":
+        assert fields["llama.rope.scaling.original_context_length"] == 128
+    tensors = {t.name: t for t in reader.tensors}
+    assert ("rope_freqs.weight" in tensors) == (kind == "llama3")
+    if kind == "llama3":
+        head_dim = config.hidden_size // config.num_attention_heads
+        expected = _llama3_factors_llamacpp(10000.0, head_dim, rope)
+        np.testing.assert_allclose(tensors["rope_freqs.weight"].data, expected, rtol=1e-6)
+        assert 1.0 in expected and 8.0 in expected and any(1 < f < 8 for f in expected)  # all three bands
