@@ -221,7 +221,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                             "quantize_seconds": timings.get(f"quantize_{base}"),
                             "quantize_peak_rss_mb": peak_mb.get(f"quantize_{base}"),
                             "layers_quantized": len(v.quantized) if v else 0,
-                            "layers_kept": len(v.kept) if v else "all", "kept": v.kept if v else {}}
+                            "layers_kept": len(v.kept) if v else "all", "kept": v.kept if v else {},
+                            "skipped": v.skipped if v else {}}
     report = {
         "recipe": recipe.model_dump(mode="json"), "reference": REFERENCE,
         "evaluation_setup": _setup(recipe, tokenizer),

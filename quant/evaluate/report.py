@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quant.confidence import SUFFIX
 from quant.confidence.bands import markdown as bands_markdown
 from quant.confidence.lens import markdown as lens_markdown
 from quant.files import write_text_atomic
@@ -37,7 +38,8 @@ def _recalibration(report: dict) -> list[str]:
     for name, fit in report["recalibration"].items():
         before, after = ev[name], ev[fit["variant"]]
         mmlu = [_interval(e, "mmlu.ece") if e["mmlu"] else "-" for e in (before, after)]
-        lines.append(f"| {name} | {fit['method']} | {fit['temperature']:.3f} | {fit['positions']} | "
+        bound = " (at the search bound)" if fit.get("at_bound") else ""
+        lines.append(f"| {name} | {fit['method']} | {fit['temperature']:.3f}{bound} | {fit['positions']} | "
                      f"{_interval(before, 'text.ece')} | {_interval(after, 'text.ece')} | {mmlu[0]} | {mmlu[1]} |")
     return lines
 
@@ -98,6 +100,12 @@ def markdown(report: dict) -> str:
         lines += ["", "## Layers kept in full precision"]
         for n, layers in kept.items():
             lines.append(f"- {n}: " + ", ".join(f"{k} ({v})" for k, v in layers.items()))
+    skipped = {n: e["skipped"] for n, e in ev.items() if e.get("skipped") and not n.endswith(SUFFIX)}
+    if skipped:
+        lines += ["", "## Work a method left undone"]
+        for n, items in skipped.items():
+            reasons = sorted(set(items.values()))
+            lines.append(f"- {n}: {len(items)} skipped ({'; '.join(reasons)}), e.g. {next(iter(items))}")
     if report.get("recalibration"):
         lines += _recalibration(report)
     if report["gates"]["results"]:

@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from quant.calibrate.capture import input_sites
 from quant.methods.mappings import architecture, smoothing_groups, unclipped
 from quant.methods.quantizer import is_ignored
 from quant.methods.schemes import Codes, WeightScheme, fake_quantize, grouped, quantize_weight
 from quant.methods.step import LayerCall, LayerChange, Method, TokenBudget
-from quant.models import fold_scales
+from quant.models.structure import check_foldable, fold_scales
 
 
 class AWQConfig(TokenBudget):
@@ -114,7 +114,8 @@ def awq_layer(call: LayerCall) -> LayerChange:
     arch = architecture(call.model_type, "AWQ")
     sites = input_sites(call.layer, call.inputs.hidden, call.inputs.kwargs)
     site_of = {name: site for site in sites for name in site.names}
-    for group in smoothing_groups(call.layer, arch):
+    groups, skipped = smoothing_groups(call.layer, arch)
+    for group in groups:
         site = site_of[group.names[0]]
         weight = torch.cat([lin.weight for lin in group.linears])
         s = best_scales(site.sum_abs / site.tokens, site.gram, weight, call.weights, cfg.n_grid)
@@ -129,7 +130,12 @@ def awq_layer(call: LayerCall) -> LayerChange:
                     clip = best_clip(lin.weight, site.gram, call.weights, cfg.clip_grid, cfg.max_shrink)
                     codes[name] = Codes(*quantize_weight(lin.weight, call.weights, clip))
                     lin.weight.copy_(clip_weight(lin.weight, call.weights, clip))
-    return LayerChange(codes=codes)
+    return LayerChange(codes=codes, skipped=skipped)
 
 
-METHOD = Method("awq", AWQConfig, awq_layer, check_model=lambda model_type: architecture(model_type, "AWQ"))
+def check_model(model: nn.Module) -> None:
+    architecture(getattr(model.config, "model_type", None), "AWQ")
+    check_foldable(model, "AWQ")
+
+
+METHOD = Method("awq", AWQConfig, awq_layer, check_model=check_model)

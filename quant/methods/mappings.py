@@ -73,19 +73,23 @@ def _width(prev: nn.Module) -> int:
     return prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
 
 
-def smoothing_groups(layer: Layer, arch: Architecture) -> tuple[Group, ...]:
-    """The smoothing groups of one decoder layer.
+def smoothing_groups(layer: Layer, arch: Architecture) -> tuple[tuple[Group, ...], dict[str, str]]:
+    """The smoothing groups of one decoder layer, and the ones skipped with the reason (shown in the report).
 
     A group whose op is narrower or wider than its linears' input is skipped: v_proj -> o_proj under
     grouped-query attention, where one v channel feeds several o columns (AutoAWQ skips it too).
     """
-    groups = []
+    groups, skipped = [], {}
     for spec in arch.groups:
         prev = layer.module.get_submodule(spec.prev)
         linears = tuple(layer.module.get_submodule(n) for n in spec.linears)
         if all(_width(prev) == lin.in_features for lin in linears):
             groups.append(Group(prev, tuple(f"{layer.name}.{n}" for n in spec.linears), linears))
-    return tuple(groups)
+        else:
+            skipped[f"{layer.name}.{spec.prev} -> {', '.join(spec.linears)}"] = (
+                f"{spec.prev} has {_width(prev)} output channels, its readers {linears[0].in_features} inputs "
+                "(grouped-query attention): no exact per-channel fold")
+    return tuple(groups), skipped
 
 
 def unclipped(layer: Layer, arch: Architecture) -> frozenset[str]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from quant.calibrate.stats import LayerStats
 from quant.methods.mappings import architecture, smoothing_groups
 from quant.methods.step import LayerCall, LayerChange, Method
-from quant.models import fold_scales
+from quant.models.structure import check_foldable, fold_scales
 from quant.schema import StrictModel
 
 
@@ -48,15 +48,21 @@ def smooth_layer(call: LayerCall) -> LayerChange:
     inputs (X / s), so static activation scales match the smoothed model."""
     cfg: SmoothQuantConfig = call.options
     smoothed = {}
-    for group in smoothing_groups(call.layer, architecture(call.model_type, "SmoothQuant")):
+    groups, skipped = smoothing_groups(call.layer, architecture(call.model_type, "SmoothQuant"))
+    for group in groups:
         if isinstance(group.prev, nn.Linear) and not cfg.linear_groups:
             continue
         s = smoothing_scales(call.stats[group.names[0]].absmax, [lin.weight for lin in group.linears],
                              cfg.smoothing_strength)
         fold_scales(group.prev, group.linears, s)
         smoothed.update({name: _divided(call.stats[name], s) for name in group.names})
-    return LayerChange(stats=smoothed)
+    return LayerChange(stats=smoothed, skipped=skipped)
+
+
+def check_model(model: nn.Module) -> None:
+    architecture(getattr(model.config, "model_type", None), "SmoothQuant")
+    check_foldable(model, "SmoothQuant")
 
 
 METHOD = Method("smoothquant", SmoothQuantConfig, smooth_layer, needs_stats=True, needs_activations=True,
-                check_model=lambda model_type: architecture(model_type, "SmoothQuant"))
+                check_model=check_model)

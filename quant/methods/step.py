@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import Field
+from torch import nn
 
 from quant.calibrate.stats import LayerStats
 from quant.calibrate.walker import LayerInputs
@@ -53,6 +54,8 @@ class LayerChange:
     """Statistics of linears whose inputs it changed (SmoothQuant divides them by its scales)."""
     codes: dict[str, Codes] = field(default_factory=dict)
     """Codes it chose itself (GPTQ), stored instead of rounding the float weight."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Work it left undone, with the reason (a smoothing group it cannot fold): counted in the report."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,9 @@ class Method:
     """Reads the float model's activation statistics."""
     needs_activations: bool = False
     """Only helps quantized activations (SmoothQuant): refused for weight-only schemes."""
-    check_model: Callable[[str | None], object] | None = None
-    """Called with the model's model_type before any work; raises CalqError if the method cannot handle it."""
+    check_model: Callable[[nn.Module], object] | None = None
+    """Called with the model (a meta skeleton when streamed) before any work; raises CalqError if the method
+    cannot handle it."""
 
     @property
     def needs_inputs(self) -> bool:

@@ -104,6 +104,8 @@ class QuantizeResult:
     quantized: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     """Linear layers left in full precision, with the reason (shown in the report and to the gate)."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Work the method left undone (a smoothing group it cannot fold), with the reason (shown in the report)."""
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers as stored (packed codes count at their packed size)."""
@@ -119,12 +121,13 @@ class _Variant:
         self.spec, self.method, self.propagate, self.rounded = spec, METHODS[spec.method], propagate, rounded
         self.model_type = getattr(source.model.config, "model_type", None)
         if self.method.check_model is not None:
-            self.method.check_model(self.model_type)
+            self.method.check_model(source.model)
         self.home = source.home
         self.needs_stats = self.method.needs_stats or spec.static_activations
         self.needs_inputs = self.method.needs_inputs or (propagate == "quantized" and self.needs_stats)
         self.layers: dict[str, nn.Module] = {}
         self.done = Quantized()
+        self.skipped: dict[str, str] = {}
         self.result: QuantizeResult | None = None
 
     def samples(self, samples: list[Tensor]) -> list[Tensor]:
@@ -142,6 +145,7 @@ class _Variant:
             change = self.method.transform(LayerCall(layer, self.model_type, self.spec.weights,
                                                      self.spec.input_activations, self.spec.ignore, self.spec.config,
                                                      stats, inputs))
+        self.skipped.update(change.skipped)
         hidden = None
         if inputs is not None and self.propagate == "float":  # GPTQ's layer already holds its dequantized codes
             hidden = inputs.run(layer.module)
@@ -159,11 +163,11 @@ class _Variant:
         quantized too (the output head is usually ignored)."""
         model = source.variant_model(self.layers)
         if not self.rounded:
-            self.result = QuantizeResult(model, self.spec)
+            self.result = QuantizeResult(model, self.spec, skipped=self.skipped)
             return
         self.done.add(quantize_linears(model, self.spec.weights, self.spec.input_activations, self.spec.ignore,
                                        stats.layers if stats is not None else None, skip=source.prefix))
-        self.result = QuantizeResult(model, self.spec, self.done.quantized, self.done.kept)
+        self.result = QuantizeResult(model, self.spec, self.done.quantized, self.done.kept, self.skipped)
 
 
 def quantize_variants(source: Resident, samples: list[Tensor], specs: list[QuantSpec] | tuple[QuantSpec, ...],

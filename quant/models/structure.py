@@ -61,6 +61,17 @@ def final_norm(model: nn.Module, needed_by: str, fix: str) -> nn.Module:
     return norm
 
 
+def check_foldable(model: nn.Module, method: str) -> None:
+    """Refuse folding scales into (1 + w) norms held in 16 bits: (1 + w) / s - 1 rounded to bfloat16 moves the
+    effective multiplier by several percent for the large s SmoothQuant and AWQ pick (Gemma)."""
+    for name, module in model.named_modules():
+        offset = NORM_OFFSETS.get(type(module).__name__, 0.0)
+        weight = getattr(module, "weight", None)
+        if offset and weight is not None and weight.dtype != torch.float32:
+            raise CalqError(f"{method} folds scales into {name} ({type(module).__name__}, y = x * (1 + w)), which "
+                            f"{weight.dtype} cannot hold exactly; load the model with dtype: float32")
+
+
 def _norm_offset(norm: nn.Module) -> float:
     kind = type(norm).__name__
     if kind not in NORM_OFFSETS:

@@ -85,3 +85,18 @@ def test_report_shows_intervals_recalibration_and_plots(tiny_run):
     for name in ("reliability_token.png", "reliability_mmlu.png", "confidence_token.png", "confidence_mmlu.png",
                  "gate.json", "gate.md", "gate.xml"):
         assert (run_dir / name).stat().st_size > 100, name
+
+
+def test_the_report_shows_skipped_work_and_a_temperature_at_its_bound(tiny_run):
+    import copy
+
+    from quant.evaluate.report import markdown
+
+    report = copy.deepcopy(tiny_run.report)
+    assert "## Work a method left undone" not in markdown(report)
+    report["evaluation"]["w4"]["skipped"] = {f"model.layers.{i}.self_attn.v_proj -> self_attn.o_proj": "GQA" for i in (0, 1)}
+    report["recalibration"]["w4"]["at_bound"] = True
+    text = markdown(report)
+    assert "- w4: 2 skipped (GQA), e.g. model.layers.0.self_attn.v_proj -> self_attn.o_proj" in text
+    assert "(at the search bound)" in text
+    assert "## Cached stages" in text and "calibration samples: computed" in text

@@ -32,8 +32,15 @@ def test_fold_scales_preserves_the_function(family, tokenizer, kv_heads):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
     ids = _ids(cfg.vocab_size, (37,), seed=3)[0][None]
     ref = model(input_ids=ids).logits
-    groups = [smoothing_groups(layer, ARCHITECTURES[cfg.model_type]) for layer in decoder_layers(model)]
+    found = [smoothing_groups(layer, ARCHITECTURES[cfg.model_type]) for layer in decoder_layers(model)]
+    groups = [g for g, _ in found]
     assert [len(g) for g in groups] == [4 if kv_heads == 4 else 3] * 2
+    skipped = [s for _, s in found]  # under GQA v_proj -> o_proj cannot fold: said, not dropped silently
+    if kv_heads == 4:
+        assert skipped == [{}, {}]
+    else:
+        assert [list(s) for s in skipped] == [[f"model.layers.{i}.self_attn.v_proj -> self_attn.o_proj"] for i in (0, 1)]
+        assert all("grouped-query attention" in reason for s in skipped for reason in s.values())
     q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
     g = torch.Generator().manual_seed(0)
     for layer_groups in groups:

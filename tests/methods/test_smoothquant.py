@@ -1,9 +1,10 @@
 import copy
 
+import pytest
 import torch
 
 from quant.calibrate import ActivationStats, collect_stats
-from quant.methods import QuantSpec, transformed
+from quant.methods import QuantSpec, quantize_variant, transformed
 from quant.methods.smoothquant import SmoothQuantConfig, smooth_layer
 from quant.methods.step import LayerCall
 from quant.models import decoder_layers
@@ -87,3 +88,30 @@ def test_the_walk_makes_the_same_smoothed_model(tiny_model):
     walked = transformed(tiny_model, spec, stats)
     for k, v in by_hand.state_dict().items():
         assert torch.equal(walked.state_dict()[k], v), k
+
+
+def test_folding_in_bfloat16_keeps_the_function_or_is_refused(tiny_model, family):
+    """bfloat16 models: Llama and Qwen2 norms (y = x * w) fold to bfloat16 rounding; Gemma's (1 + w) norms cannot
+    hold (1 + w) / s - 1 exactly and are refused before any work, with the fix."""
+    from quant.errors import CalqError
+
+    model = _with_outliers(tiny_model).to(torch.bfloat16)
+    samples = _samples(model.config.vocab_size)
+    spec = QuantSpec(name="sq", scheme="W8A8", method="smoothquant", options={"smoothing_strength": 0.8})
+    if family == "gemma3":
+        with pytest.raises(CalqError, match="Gemma3RMSNorm.*cannot hold exactly; load the model with dtype: float32"):
+            transformed(model, spec, samples=samples)
+        return
+    ids = _samples(model.config.vocab_size, (33,), seed=2)[0][None]
+    ref = model(input_ids=ids).logits.float()
+    smoothed = transformed(model, spec, samples=samples)
+    err = (smoothed(input_ids=ids).logits.float() - ref).abs().max() / ref.abs().max()
+    assert err < 0.05, err  # bfloat16 rounding of the folded weights
+
+
+def test_groups_it_cannot_fold_are_reported(tiny_model):
+    """The tiny models use 2 kv heads for 4 query heads: v_proj -> o_proj is skipped in every layer, and said."""
+    stats = collect_stats(tiny_model, _samples(tiny_model.config.vocab_size))
+    spec = QuantSpec(name="sq", scheme="W8A8", method="smoothquant")
+    result = quantize_variant(tiny_model, spec, stats)
+    assert sorted(result.skipped) == [f"model.layers.{i}.self_attn.v_proj -> self_attn.o_proj" for i in (0, 1)]
