@@ -7,6 +7,8 @@ directory so a second run is fast and an interrupted one never leaves a file tha
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
@@ -38,27 +40,87 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if sys.platform != "linux":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    done = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    if not done and ctypes.get_errno() not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}: {os.strerror(ctypes.get_errno())}")
+    return done
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries and files, to disk."""
+    for p in [*sorted(path.rglob("*")), path] if path.is_dir() else [path]:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.previous")
+
+
+def _recover(final: Path) -> None:
+    """A crash between the two renames of the fallback swap left the previous version aside: put it back."""
+    aside = _aside(final)
+    if aside.exists() and not final.exists():
+        os.replace(aside, final)
+    elif aside.exists():
+        shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds.
+    """Yield a temporary sibling path; move it onto `final` only if the block succeeds, flushed to disk first.
 
-    Works for files and directories alike, so a crash mid-write leaves no half-written result.
+    Works for files and directories alike. A directory replaces the previous one in one step (the two are swapped,
+    then the old one deleted; where the system cannot swap, the old one is renamed aside first and put back by the
+    next write if a crash came in between): a kill at any point leaves the old or the new version, never neither
+    and never a half-written one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _recover(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.rmdir()  # the caller decides whether it is a file or a directory
     try:
         yield tmp
         _default_permissions(tmp)
+        _fsync(tmp)
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            if not _exchange(tmp, final):
+                os.replace(final, _aside(final))
+                os.replace(tmp, final)
+                tmp = _aside(final)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _default_permissions(path: Path) -> None:

