@@ -23,7 +23,7 @@ from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, re
 from quant.confidence.recalibrate import TemperatureFit
 from quant.data import Selection, select_samples, source_fingerprint, special_prefix
 from quant.evaluate import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
-from quant.evaluate.evaluation import templated
+from quant.evaluate.evaluation import check_tokenizer, templated
 from quant.evaluate.plots import confidence_histogram, reliability_diagram
 from quant.evaluate.report import write_report
 from quant.files import atomic_path, write_text_atomic
@@ -168,6 +168,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         return out
 
     model, tokenizer = timed("load_model", load_model, recipe.model)
+    check_tokenizer(tokenizer, recipe.evaluation)
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad recipe leaves no run dir
     write_text_atomic(run_dir / "recipe.json", recipe.model_dump_json(indent=1))
     fingerprint, reused = calibration_fingerprint(recipe), {}

@@ -7,8 +7,12 @@ import json
 import re
 from pathlib import Path
 
+import torch
 import yaml
+from accelerate import init_empty_weights
 from pydantic import Field, ValidationError, model_validator
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from quant.calibrate import SequentialConfig
 from quant.confidence import SUFFIX, RecalibrateConfig
@@ -16,8 +20,9 @@ from quant.data import SelectConfig
 from quant.errors import CalqError
 from quant.evaluate import REFERENCE, EvalConfig, GateRule
 from quant.formats import ExportConfig
-from quant.methods import QuantSpec
-from quant.models import ModelConfig
+from quant.formats.exporter import export_problems
+from quant.methods import METHODS, QuantSpec, is_ignored
+from quant.models import ModelConfig, resolve_model_path
 from quant.schema import StrictModel
 
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -54,11 +59,14 @@ class Recipe(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _export_variants(self) -> Recipe:
+    def _cross_checks(self) -> Recipe:
         names = [q.name for q in self.quantize]
-        for e in self.export:
-            if e.variant not in names:
-                raise ValueError(f"export variant {e.variant!r} is not one of the quantize variants {names}")
+        found = [f"export variant {e.variant!r} is not one of the quantize variants {names}"
+                 for e in self.export if e.variant not in names]
+        if self.evaluation.mmlu is None:
+            found += [f"gate on {g.metric} but evaluation.mmlu is off" for g in self.gates if g.metric.startswith("mmlu.")]
+        if found:
+            raise ValueError("; ".join(found))
         return self
 
     @property
@@ -72,11 +80,40 @@ class Recipe(StrictModel):
 
 
 def _error_line(err: ValidationError, path: Path) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{path}: unknown recipe key '{where}'; remove it or check its spelling"
-    return f"{path}: recipe key '{where}': {first['msg']}"
+    """Every problem pydantic found, in one line."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"unknown recipe key '{where}'; remove it or check its spelling" if e["type"] == "extra_forbidden"
+                     else f"recipe key '{where}': {e['msg'].removeprefix('Value error, ')}")
+    return f"{path}: " + "; ".join(lines)
+
+
+def model_problems(recipe: Recipe) -> list[str]:
+    """What the recipe asks of its model that the model's shapes rule out (a method its architecture cannot run, an
+    export its layer widths cannot take), read from config.json alone on a meta-device skeleton: seconds, before
+    any weight is loaded. A hub id is checked when it loads."""
+    path = Path(resolve_model_path(recipe.model.source))
+    if not (path / "config.json").is_file():
+        return []
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
+    found = []
+    for spec in recipe.quantize:
+        check = METHODS[spec.method].check_model
+        try:
+            if check is not None:
+                check(model)
+        except CalqError as err:
+            found.append(f"variant {spec.name}: {err}")
+    specs = {q.name: q for q in recipe.quantize}
+    for e in recipe.export:
+        spec = specs[e.variant]
+        shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and not is_ignored(n, spec.ignore)}
+        found += [f"export {e.format} of {spec.name}: {p}" for p in export_problems(e.format, spec, shapes, config)]
+    return found
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -90,6 +127,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise CalqError(f"{path}: a recipe is a YAML mapping with keys name, model, calibration, quantize, ...")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise CalqError(_error_line(err, path)) from err
+    found = model_problems(recipe)
+    if found:
+        raise CalqError(f"{path}: " + "; ".join(found))
+    return recipe

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from quant.cli import main
+from quant.errors import CalqError
 from quant.models import load_model
 from quant.pipeline import calibrate
 from quant.recipe import load_recipe
@@ -85,7 +86,8 @@ def test_default_model_end_to_end(tmp_path, capsys):
 def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     recipe_path = tmp_path / "bad.yaml"
     recipe_path.write_text(RECIPE.replace("source: smollm2-135m-instruct", f"source: {tmp_path}/no-such-model"))
-    load_recipe(recipe_path)  # valid schema; the path is checked when the model loads
+    with pytest.raises(CalqError, match="does not exist"):  # at recipe load, before anything runs
+        load_recipe(recipe_path)
     assert main(["run", str(recipe_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and err.count("\n") == 1
@@ -128,3 +130,35 @@ def test_cached_stages_follow_the_content_they_read(tmp_path, tokenizer):
     assert stages() == {"calibration samples": True, "activation statistics": True}
     save_model(1)  # retrained into the same directory
     assert stages() == {"calibration samples": False, "activation statistics": False}
+
+
+def test_tokenizer_checks_run_as_soon_as_it_loads(tmp_path, monkeypatch):
+    """A tokenizer that splits " A" into two tokens cannot score MMLU letters: the run stops right after loading,
+    not after samples, statistics, methods and text evaluation."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from quant.errors import CalqError
+    from quant.pipeline import run
+    from quant.recipe import Recipe
+    from tests.conftest import _corpus, tiny_config
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")  # no chat template
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", len(fast))).save_pretrained(tmp_path / "model")
+    fast.save_pretrained(tmp_path / "model")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run went past loading")
+
+    monkeypatch.setattr("quant.pipeline.select_samples", never)
+    recipe = Recipe.model_validate({"name": "t", "model": {"source": str(tmp_path / "model")},
+                                    "quantize": [{"name": "w4", "scheme": "W4A16"}]})
+    with pytest.raises(CalqError, match="splits answer letter 'A' into 2 tokens"):
+        run(recipe, tmp_path / "run")

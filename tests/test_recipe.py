@@ -46,3 +46,72 @@ def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(CalqError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_gate_metric_typo_fails_at_load_with_the_choices(tmp_path):
+    path = _write(tmp_path, "name: x\nquantize: [{name: a, scheme: W8A8}]\ngates: [{metric: text.perplexty, max: 30}]\n")
+    with pytest.raises(CalqError, match=r"'text.perplexty' is not one the evaluation reports; choose from .*text.perplexity"):
+        load_recipe(path)
+    path = _write(tmp_path, "name: x\nquantize: [{name: a, scheme: W8A8}]\nevaluation: {mmlu: null}\n"
+                            "gates: [{metric: mmlu.accuracy, min: 0.3}]\n")
+    with pytest.raises(CalqError, match="gate on mmlu.accuracy but evaluation.mmlu is off"):
+        load_recipe(path)
+
+
+def test_every_problem_of_a_recipe_is_in_one_message(tmp_path):
+    path = _write(tmp_path, "name: x\nquantize: [{name: a, scheme: W4A16, weights: {group_size: 24}}]\n"
+                            "calibration: {num_samples: many}\ngates: [{metric: text.ec, max: 1}]\n")
+    with pytest.raises(CalqError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert "\n" not in message
+    for part in ("calibration.num_samples", "group_size 24: calq's CUDA kernels take multiples of 16", "text.ec"):
+        assert part in message, part
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A tiny Gemma3 saved to disk (hidden size 96, bfloat16): config.json is all the load-time checks read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    AutoModelForCausalLM.from_config(tiny_config("gemma3", len(tokenizer)), dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "gemma")
+    return tmp_path / "gemma"
+
+
+def test_what_the_models_shapes_rule_out_fails_at_load(tmp_path, model_dir, monkeypatch):
+    """Before any weight loads: an export its 96-wide inputs cannot take (groups of 64), GGUF for a non-llama model,
+    and SmoothQuant on (1 + w) norms held in bfloat16."""
+    import quant.recipe
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a weight was loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    path = _write(tmp_path, f"""
+name: x
+model: {{source: {model_dir}, dtype: bfloat16}}
+quantize:
+  - {{name: w4, scheme: W4A16_ASYM, weights: {{group_size: 64}}}}
+  - {{name: sq, scheme: W8A8, method: smoothquant}}
+export:
+  - {{format: compressed-tensors, variant: w4}}
+  - {{format: gguf, variant: w4}}
+""")
+    with pytest.raises(CalqError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert "variant sq: SmoothQuant folds scales into model.layers.0.input_layernorm" in message
+    assert "export compressed-tensors of w4: compressed-tensors needs group_size 64 to divide every input size" in message
+    assert "export gguf of w4: GGUF export writes the llama architecture; this model is 'gemma3_text'" in message
+    assert quant.recipe.model_problems(load_recipe.__globals__["Recipe"].model_validate(
+        {"name": "ok", "model": {"source": str(model_dir)}, "quantize": [{"name": "w8", "scheme": "W8A8"}]})) == []

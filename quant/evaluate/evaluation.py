@@ -33,6 +33,10 @@ from quant.errors import CalqError
 from quant.schema import StrictModel
 
 LETTERS = "ABCD"
+SUMMARY = ("n", "accuracy", "mean_confidence", "ece", "ece_mass", "mce", "auroc", "aurc", "selective_coverage",
+           "selective_accuracy", "nll", "brier")
+METRICS = {"text": (*SUMMARY, "perplexity", "kl_to_reference", "top1_agreement"), "mmlu": SUMMARY}
+"""Every metric the evaluation reports, by section: what a gate rule may name (checked when the recipe loads)."""
 REFERENCE = "fp"
 """The name of the full-precision model among the evaluated ones: what KL, agreement and gates compare against."""
 
@@ -206,6 +210,12 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, use_template:
     """A chat template writes its own special tokens (Llama-3's and Gemma's BOS among them); a plain prompt gets
     the tokenizer's, as in deployment."""
     return tokenizer(prompt, add_special_tokens=not use_template)["input_ids"]
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig) -> None:
+    """What the evaluation needs of the tokenizer, checked as soon as it loads (not after statistics and methods)."""
+    if cfg.mmlu is not None:
+        letter_token_ids(tokenizer, templated(tokenizer, cfg.mmlu.chat_template))
 
 
 def letter_token_ids(tokenizer: PreTrainedTokenizerBase, use_template: bool) -> list[int]:

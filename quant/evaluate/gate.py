@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import model_validator
 
 from quant.errors import CalqError
-from quant.evaluate.evaluation import ModelEval
+from quant.evaluate.evaluation import METRICS, ModelEval
 from quant.files import write_text_atomic
 from quant.schema import StrictModel
 
@@ -41,8 +41,10 @@ class GateRule(StrictModel):
         given = [b for b in BOUNDS if getattr(self, b) is not None]
         if len(given) != 1:
             raise ValueError(f"gate on {self.metric!r} needs exactly one of {', '.join(BOUNDS)} (got {given or 'none'})")
-        if self.metric.split(".")[0] not in ("text", "mmlu") or "." not in self.metric:
-            raise ValueError(f"gate metric {self.metric!r} must look like text.<name> or mmlu.<name>")
+        section, _, name = self.metric.partition(".")
+        if name not in METRICS.get(section, ()):
+            known = ", ".join(f"{s}.{m}" for s, names in METRICS.items() for m in names if m != "n")
+            raise ValueError(f"gate metric {self.metric!r} is not one the evaluation reports; choose from {known}")
         return self
 
     @property

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from quant.errors import CalqError
 from quant.formats.checkpoint import WEIGHTS
-from quant.formats.source import ExportSource
+from quant.formats.source import ExportSource, Shapes, ragged_groups
+from quant.methods import QuantSpec
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AutoAWQ GEMM packing: nibble i of an int32 word holds output column 8 * word + AWQ_ORDER[i]."""
@@ -27,18 +27,23 @@ def pack_awq(codes: Tensor) -> Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
+def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
+    """What keeps this variant of this model from the format (empty: it exports)."""
+    w = spec.weights
+    if w.num_bits != 4 or w.group_size is None:
+        return [f"AWQ's GEMM format is group-wise int4; {spec.name!r} is W{w.num_bits} with one scale per output "
+                "channel: use --format compressed-tensors or gguf"]
+    narrow = [n for n, (_, out) in shapes.items() if out % 8]
+    return ragged_groups("awq", w.group_size, shapes) + [
+        f"awq packs 8 output columns per int32, but {n} has {shapes[n][1]} outputs; use --format compressed-tensors "
+        "or gguf" for n in narrow[:1]]
+
+
 def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
     """qweight (K, N/8), qzeros (K/g, N/8) int32 and scales (K/g, N) per layer: what AutoAWQ's WQLinear_GEMM loads."""
-    w = src.info.spec.weights
-    group = src.whole_groups("awq")
-    if w.num_bits != 4 or group is None:
-        raise CalqError(f"AWQ's GEMM format is group-wise int4; {src.info.spec.name!r} is W{w.num_bits} with one scale "
-                        "per output channel: use --format compressed-tensors or gguf")
+    group = src.info.spec.weights.group_size
     state = src.fp_state(dtype)
     for name, q in src.quantized.items():
-        if q.out_features % 8:
-            raise CalqError(f"awq packs 8 output columns per int32, but {name} has {q.out_features} outputs; "
-                            "use --format compressed-tensors or gguf")
         codes = kernels.unpack_int4(q.qweight, q.in_features)
         state[f"{name}.qweight"] = pack_awq(codes.t().contiguous())
         state[f"{name}.qzeros"] = pack_awq(q.zeros.t().contiguous())

@@ -12,8 +12,14 @@ from safetensors.torch import save_model
 from torch import nn
 
 from quant.formats.checkpoint import WEIGHTS
-from quant.formats.source import ExportSource
+from quant.formats.source import ExportSource, Shapes, ragged_groups
+from quant.methods import QuantSpec
 from quant.methods.schemes import dequantize_codes
+
+
+def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
+    """What keeps this variant of this model from the format (empty: it exports)."""
+    return ragged_groups("compressed-tensors", spec.weights.group_size, shapes)
 
 
 def _ct_scheme(src: ExportSource):
@@ -21,7 +27,7 @@ def _ct_scheme(src: ExportSource):
 
     spec = src.info.spec
     if spec.weights.num_bits == 4:
-        group = src.whole_groups("compressed-tensors")
+        group = spec.weights.group_size
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=spec.weights.symmetric,
                                    strategy="group" if group else "channel", group_size=group)
     else:

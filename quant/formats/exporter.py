@@ -19,13 +19,21 @@ import torch
 from quant.files import atomic_path
 from quant.formats import autoawq, compressed_tensors, gguf
 from quant.formats.checkpoint import write_manifest
-from quant.formats.source import ExportSource
+from quant.errors import CalqError
+from quant.formats.source import ExportSource, Shapes
+from quant.methods import QuantSpec
 from quant.schema import StrictModel
 
 log = logging.getLogger(__name__)
 
 Format = Literal["compressed-tensors", "awq", "gguf"]
-WRITERS = {"compressed-tensors": compressed_tensors.write, "awq": autoawq.write, "gguf": gguf.write}
+FORMATS = {"compressed-tensors": compressed_tensors, "awq": autoawq, "gguf": gguf}
+"""Each format's module: `problems(spec, shapes, config)` (what keeps a variant of a model from it, checked at recipe
+load from the config alone and again before writing) and `write(source, dtype, out)`."""
+
+
+def export_problems(fmt: Format, spec: QuantSpec, shapes: Shapes, config) -> list[str]:
+    return FORMATS[fmt].problems(spec, shapes, config)
 
 
 class ExportConfig(StrictModel):
@@ -47,10 +55,13 @@ class ExportResult:
 def export(source: str | Path, config: ExportConfig, out: str | Path) -> ExportResult:
     """Write the checkpoint at `source` (a run or model directory) to `out` in `config.format`, atomically."""
     src = ExportSource.open(Path(source), config.variant)
+    found = export_problems(config.format, src.info.spec, src.shapes, src.model.config)
+    if found:
+        raise CalqError("; ".join(found))
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        WRITERS[config.format](src, getattr(torch, config.dtype), tmp)
+        FORMATS[config.format].write(src, getattr(torch, config.dtype), tmp)
         if config.format != "gguf":
             src.tokenizer.save_pretrained(tmp)
         write_manifest(tmp, config.format, calq=src.calq)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from quant.errors import CalqError
-from quant.formats.source import ExportSource
-from quant.methods import QuantLinear
+from quant.formats.source import ExportSource, Shapes
+from quant.methods import QuantLinear, QuantSpec
 
 
 def permute_rope(w: Tensor | np.ndarray, heads: int) -> Tensor | np.ndarray:
@@ -35,10 +35,6 @@ def _gguf_blocks(name: str, q: QuantLinear) -> tuple[np.ndarray, object]:
 
     n, k = q.out_features, q.in_features
     group = q.weights.group_size or k
-    if k % GGUF_BLOCK or group % GGUF_BLOCK:
-        raise CalqError(f"{name} has {k} inputs in groups of {group}; llama.cpp stores whole blocks of {GGUF_BLOCK}: "
-                        f"quantize with a group_size that is a multiple of {GGUF_BLOCK}, or use --format "
-                        "compressed-tensors")
     blocks = k // GGUF_BLOCK
 
     def per_block(t: Tensor) -> np.ndarray:  # (n, groups) -> float16 bytes (n, blocks, 2)
@@ -85,12 +81,27 @@ ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 def rope_type(config) -> str:
-    """The model's RoPE variant, refused (one line, before anything is written) unless llama.cpp can be told."""
-    kind = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if kind not in ROPE_TYPES:
-        raise CalqError(f"GGUF export cannot write RoPE scaling {kind!r} (writes {', '.join(ROPE_TYPES)}); "
-                        "use --format compressed-tensors")
-    return kind
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
+    """What keeps this variant of this model from the format (empty: it exports): the architecture, its RoPE
+    variant, and layers that are not whole llama.cpp blocks."""
+    found = []
+    if config.model_type != "llama":
+        found.append(f"GGUF export writes the llama architecture; this model is {config.model_type!r}: use --format "
+                     "compressed-tensors")
+    if rope_type(config) not in ROPE_TYPES:
+        found.append(f"GGUF export cannot write RoPE scaling {rope_type(config)!r} (writes {', '.join(ROPE_TYPES)}); "
+                     "use --format compressed-tensors")
+    for name, (k, _) in shapes.items():
+        group = spec.weights.group_size or k
+        if k % GGUF_BLOCK or group % GGUF_BLOCK:
+            found.append(f"{name} has {k} inputs in groups of {group}; llama.cpp stores whole blocks of {GGUF_BLOCK}: "
+                         f"quantize with a group_size that is a multiple of {GGUF_BLOCK}, or use --format "
+                         "compressed-tensors")
+            break
+    return found
 
 
 def llama3_rope_factors(config) -> Tensor:
@@ -155,9 +166,6 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
     import gguf
 
     cfg = src.model.config
-    if cfg.model_type != "llama":
-        raise CalqError(f"GGUF export writes the llama architecture; this model is {cfg.model_type!r}: "
-                        "use --format compressed-tensors")
     rope = rope_type(cfg)
     bits, sym = src.info.spec.weights.num_bits, src.info.spec.weights.symmetric
     float_type = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,

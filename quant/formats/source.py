@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quant.errors import CalqError
 from quant.evaluate import GateReport
 from quant.formats.checkpoint import CheckpointInfo, checkpoint_dir, checkpoint_info, load
 from quant.methods import QuantLinear
@@ -59,12 +58,20 @@ class ExportSource:
             state.pop("lm_head.weight", None)
         return {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
 
-    def whole_groups(self, fmt: str) -> int | None:
-        """Formats with whole groups only: the group size must divide every quantized layer's input size."""
-        group = self.info.spec.weights.group_size
-        ragged = [n for n, m in self.quantized.items() if group and m.in_features % group]
-        if ragged:
-            raise CalqError(f"{fmt} needs group_size {group} to divide every input size, but {ragged[0]} has "
-                            f"{self.quantized[ragged[0]].in_features} inputs (ragged last group); quantize with a "
-                            "group_size that divides it (e.g. 32 or 64)")
-        return group
+    @property
+    def shapes(self) -> Shapes:
+        return {n: (m.in_features, m.out_features) for n, m in self.quantized.items()}
+
+
+Shapes = dict[str, tuple[int, int]]
+"""(in_features, out_features) of every quantized linear, by name: what a format's constraints are checked on, from
+a checkpoint or, at recipe load, from the model's config alone."""
+
+
+def ragged_groups(fmt: str, group: int | None, shapes: Shapes) -> list[str]:
+    """Formats that store whole groups only: the group size must divide every quantized layer's input size."""
+    ragged = [n for n, (k, _) in shapes.items() if group and k % group]
+    if not ragged:
+        return []
+    return [f"{fmt} needs group_size {group} to divide every input size, but {ragged[0]} has {shapes[ragged[0]][0]} "
+            "inputs (a ragged last group); quantize with a group_size that divides it (e.g. 32 or 64)"]

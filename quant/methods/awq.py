@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from quant.calibrate.capture import input_sites
-from quant.methods.mappings import architecture, smoothing_groups, unclipped
+from quant.methods.mappings import architecture, check_model, smoothing_groups, unclipped
 from quant.methods.quantizer import is_ignored
 from quant.methods.schemes import Codes, WeightScheme, fake_quantize, grouped, quantize_weight
 from quant.methods.step import LayerCall, LayerChange, Method, TokenBudget
-from quant.models.structure import check_foldable, fold_scales
+from quant.models import fold_scales
 
 
 class AWQConfig(TokenBudget):
@@ -133,9 +133,4 @@ def awq_layer(call: LayerCall) -> LayerChange:
     return LayerChange(codes=codes, skipped=skipped)
 
 
-def check_model(model: nn.Module) -> None:
-    architecture(getattr(model.config, "model_type", None), "AWQ")
-    check_foldable(model, "AWQ")
-
-
-METHOD = Method("awq", AWQConfig, awq_layer, check_model=check_model)
+METHOD = Method("awq", AWQConfig, awq_layer, check_model=lambda model: check_model(model, "AWQ"))

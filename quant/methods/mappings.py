@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from quant.errors import CalqError
-from quant.models import Layer
+from quant.models import Layer, decoder_layers
+from quant.models.structure import norm_offset
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,21 @@ def architecture(model_type: str | None, method: str) -> Architecture:
         raise CalqError(f"{method} has no smoothing groups for architecture {model_type!r}; supported: "
                         f"{', '.join(sorted(ARCHITECTURES))} (use method: minmax or gptq for this model)")
     return ARCHITECTURES[model_type]
+
+
+def check_model(model: nn.Module, method: str) -> Architecture:
+    """The model's smoothing groups exist, and its (1 + w) norms among them are held in float32: (1 + w) / s - 1
+    rounded to bfloat16 moves the effective multiplier by several percent for the large s SmoothQuant and AWQ pick
+    (Gemma). Checked before any work (at recipe load, on a meta skeleton)."""
+    arch = architecture(getattr(model.config, "model_type", None), method)
+    layer = decoder_layers(model)[0]
+    for spec in arch.groups:
+        prev = layer.module.get_submodule(spec.prev)
+        if not isinstance(prev, nn.Linear) and norm_offset(prev) and prev.weight.dtype != torch.float32:
+            raise CalqError(f"{method} folds scales into {layer.name}.{spec.prev} ({type(prev).__name__}, "
+                            f"y = x * (1 + w)), which {prev.weight.dtype} cannot hold exactly; load the model with "
+                            "dtype: float32")
+    return arch
 
 
 def _width(prev: nn.Module) -> int:

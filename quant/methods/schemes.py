@@ -40,8 +40,9 @@ class WeightScheme(StrictModel):
         if self.num_bits == 8 and (strategy != "channel" or not self.symmetric):
             raise ValueError("8-bit weights are per-channel symmetric: set strategy: channel (no group_size) and "
                              "symmetric: true")
-        if self.group_size is not None and self.group_size < 8:
-            raise ValueError(f"group_size {self.group_size} is too small: use 32, 64 or 128 (or none)")
+        if self.group_size is not None and (self.group_size < 16 or self.group_size % 16):
+            raise ValueError(f"group_size {self.group_size}: calq's CUDA kernels take multiples of 16; use 32, 64 or "
+                             "128 (or none)")
         return self
 
 

@@ -17,9 +17,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quant.calibrate.stats import LayerStats
-from quant.methods.mappings import architecture, smoothing_groups
+from quant.methods.mappings import architecture, check_model, smoothing_groups
 from quant.methods.step import LayerCall, LayerChange, Method
-from quant.models.structure import check_foldable, fold_scales
+from quant.models import fold_scales
 from quant.schema import StrictModel
 
 
@@ -59,10 +59,5 @@ def smooth_layer(call: LayerCall) -> LayerChange:
     return LayerChange(stats=smoothed, skipped=skipped)
 
 
-def check_model(model: nn.Module) -> None:
-    architecture(getattr(model.config, "model_type", None), "SmoothQuant")
-    check_foldable(model, "SmoothQuant")
-
-
 METHOD = Method("smoothquant", SmoothQuantConfig, smooth_layer, needs_stats=True, needs_activations=True,
-                check_model=check_model)
+                check_model=lambda model: check_model(model, "SmoothQuant"))

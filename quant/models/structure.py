@@ -61,18 +61,7 @@ def final_norm(model: nn.Module, needed_by: str, fix: str) -> nn.Module:
     return norm
 
 
-def check_foldable(model: nn.Module, method: str) -> None:
-    """Refuse folding scales into (1 + w) norms held in 16 bits: (1 + w) / s - 1 rounded to bfloat16 moves the
-    effective multiplier by several percent for the large s SmoothQuant and AWQ pick (Gemma)."""
-    for name, module in model.named_modules():
-        offset = NORM_OFFSETS.get(type(module).__name__, 0.0)
-        weight = getattr(module, "weight", None)
-        if offset and weight is not None and weight.dtype != torch.float32:
-            raise CalqError(f"{method} folds scales into {name} ({type(module).__name__}, y = x * (1 + w)), which "
-                            f"{weight.dtype} cannot hold exactly; load the model with dtype: float32")
-
-
-def _norm_offset(norm: nn.Module) -> float:
+def norm_offset(norm: nn.Module) -> float:
     kind = type(norm).__name__
     if kind not in NORM_OFFSETS:
         raise CalqError(f"cannot fold scales into a {kind}; known norms: {', '.join(sorted(NORM_OFFSETS))}")
@@ -91,7 +80,7 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear] | tuple[nn.Linear, ...
         if prev.bias is not None:
             prev.bias.copy_(prev.bias.float() / s)
     else:
-        offset = _norm_offset(prev)
+        offset = norm_offset(prev)
         prev.weight.copy_((prev.weight.float() + offset) / s - offset)
     for lin in linears:
         lin.weight.copy_(lin.weight.float() * s)

@@ -108,8 +108,10 @@ def test_gate_fails_an_overconfident_model_and_passes_a_calibrated_one(moderate)
 
 def test_gate_on_unmeasured_metric_names_what_exists():
     from quant.errors import CalqError
-    with pytest.raises(CalqError, match="available: text.perplexity"):
-        check_gates(_evals(21, 0.02), [GateRule(metric="text.nope", max=1)], "fp")
+    with pytest.raises(ValueError, match="'text.nope' is not one the evaluation reports; choose from text.accuracy"):
+        GateRule(metric="text.nope", max=1)
+    with pytest.raises(CalqError, match="'mmlu.accuracy' is not measured .* available: none"):  # MMLU was off
+        check_gates(_evals(21, 0.02), [GateRule(metric="mmlu.accuracy", min=0.3)], "fp")
 
 
 def test_nan_metric_fails_the_gate():
