@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 
 from quant.compare import write_comparison
+from quant.methods import QuantSpec
 from quant.recipe import load_recipe
+from tests.evaluate.test_report import tiny_run  # noqa: F401  (fixture)
 
 COMPARISON = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "compare.yaml").quantize
 
@@ -35,3 +37,19 @@ def test_comparison_table_and_plot(tmp_path):
     assert float(back[2]["perplexity"]) == 22.0
     assert "| a-awq | awq | 22 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_compare_runs_the_recipes_own_variants_as_they_quantize(tiny_run, tmp_path):  # noqa: F811
+    """compare() on the tiny recipe: its variants (plus one more), no re-calibration, logit lens, gates or export."""
+    from quant.compare import compare
+
+    recipe = load_recipe(tiny_run.run_dir.parent / "tiny.yaml")
+    recipe = recipe.model_copy(update={"quantize": (*recipe.quantize, QuantSpec(name="w8", scheme="W8A8"))})
+    result = compare(recipe, tmp_path / "cmp")
+    assert set(result.evals) == {"fp", "w4", "w8"} and result.recalibration == {} and result.gates.results == []
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"fp", "w4", "w8"} and rows["w8"]["method"] == "minmax"
+    # the comparison's w4 is the run's w4 before re-calibration: same samples, same quantizer, same evaluation
+    assert float(rows["w4"]["perplexity"]) == pytest.approx(tiny_run.evals["w4"].text["perplexity"], rel=1e-6)
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000

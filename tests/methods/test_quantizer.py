@@ -152,3 +152,28 @@ def test_symmetric_int4_is_compressed_tensors_and_gptq_value_for_value():
     assert torch.equal(ours, theirs)
     assert torch.equal(ours, _gptq_reference_sym(w, 64))
     assert ours[3, 5] == pytest.approx(9.0 * 7 / 7.5)  # +absmax loses half a step, not a whole one
+
+
+def test_bfloat16_models_quantize_save_and_reload(family, tokenizer, tmp_path):
+    """A bfloat16 model end to end: W4 and W8A8 variants in bfloat16 (scales in the model's dtype), close to the
+    float model, and the checkpoint reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from quant.formats import load, save_quantized
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)  # built in bfloat16, as from_pretrained(dtype=bfloat16) does (rotary frequencies stay fp32)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids).logits.float()
+    for spec in (QuantSpec(name="w4", scheme="W4A16_ASYM", weights={"group_size": 32}),
+                 QuantSpec(name="w8", scheme="W8A8")):
+        result = quantize_variant(model, spec)
+        q = result.model.get_submodule("model.layers.0.mlp.down_proj")
+        assert q.scales.dtype == (torch.bfloat16 if spec.weights.num_bits == 4 else torch.float32)
+        out = result.model(input_ids=ids).logits
+        assert out.dtype == torch.bfloat16
+        assert ((out.float() - ref).norm() / ref.norm()) < 0.4
+        save_quantized(result, tokenizer, tmp_path / spec.name)
+        back, _ = load(tmp_path / spec.name, device="cpu")
+        assert torch.equal(back(input_ids=ids).logits, out)
