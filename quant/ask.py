@@ -79,7 +79,7 @@ def _choice_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, questio
         raise CalqError(f"{len(choices)} choices given; multiple choice takes 2 to {len(LETTERS)}")
     chat = templated(tokenizer, True)
     item = MCItem("ask", "general knowledge", question, tuple(choices), -1)
-    ids = torch.tensor([encode_prompt(tokenizer, mmlu_prompt(item, tokenizer, chat), chat)])
+    ids = torch.tensor([encode_prompt(tokenizer, mmlu_prompt(item, tokenizer, chat), chat)], device="cpu")
     logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1).logits
     probs = logits[0, -1, letter_token_ids(tokenizer, chat)[:len(choices)]].float().softmax(-1).cpu()
     ranked = [(f"{LETTERS[i]}. {choices[i]}", float(probs[i])) for i in probs.argsort(descending=True).tolist()]
@@ -93,7 +93,7 @@ def _free_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question:
     chat = templated(tokenizer, True)
     prompt = (tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                             add_generation_prompt=True) if chat else f"Question: {question}\nAnswer:")
-    ids = torch.tensor([encode_prompt(tokenizer, prompt, chat)])
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, chat)], device="cpu")
     ids = ids.to(next(model.parameters()).device)
     eos = model.generation_config.eos_token_id
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
@@ -107,7 +107,7 @@ def _free_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question:
     if not keep:
         return Answer(None, 0.0, ABSTAIN)
     probs = torch.stack([out.logits[i][0].float().softmax(-1).cpu() for i in keep])
-    token_conf = probs[torch.arange(len(keep)), tokens[keep]]  # the model's own (raw) probability of each token
+    token_conf = probs[torch.arange(len(keep), device=probs.device), tokens[keep]]  # the model's own (raw) probability of each token
     weakest = int(token_conf.argmin())
     decode = functools.partial(tokenizer.decode, clean_up_tokenization_spaces=False)
     conf = float(token_conf.mean())

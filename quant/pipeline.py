@@ -180,6 +180,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         variants = {spec.name: timed(f"quantize_{spec.name}", quantize_variant, model, spec, stats,
                                      selection.token_ids)
                     for spec in recipe.quantize}
+    for variant in variants.values():  # a streamed walk keeps its quantized layers on CPU
+        variant.model.to(recipe.model.torch_device)
     fits: dict[str, TemperatureFit] = {}
     # re-calibrated variants: what is saved and gated (the raw variant is evaluated too)
     shipped: dict[str, Tempered] = {}

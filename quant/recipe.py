@@ -7,7 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 import yaml
 from accelerate import init_empty_weights
 from pydantic import Field, ValidationError, model_validator
@@ -98,7 +97,7 @@ def model_problems(recipe: Recipe) -> list[str]:
         return []
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=recipe.model.torch_dtype)
     found = []
     for spec in recipe.quantize:
         check = METHODS[spec.method].check_model

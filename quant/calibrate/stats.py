@@ -37,9 +37,10 @@ class LayerStats:
         return self.sum_abs / max(self.tokens, 1)
 
     @classmethod
-    def empty(cls, channels: int) -> LayerStats:
-        inf = torch.full((channels,), float("inf"), dtype=torch.float64)
-        return cls(torch.zeros(channels, dtype=torch.float64), inf.clone(), -inf, torch.zeros_like(inf), 0)
+    def empty(cls, channels: int, device: torch.device | str = "cpu") -> LayerStats:
+        """Reductions start where the activations are (the model's device), in float64."""
+        inf = torch.full((channels,), float("inf"), dtype=torch.float64, device=device)
+        return cls(torch.zeros_like(inf), inf.clone(), -inf, torch.zeros_like(inf), 0)
 
     def update(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
@@ -57,7 +58,8 @@ class ActivationStats:
 
     def save(self, directory: Path) -> None:
         """Write stats.safetensors + stats.json into `directory` (atomically, as one unit)."""
-        tensors = {f"{name}.{f}": getattr(s, f).float().contiguous() for name, s in self.layers.items() for f in FIELDS}
+        tensors = {f"{name}.{f}": getattr(s, f).float().cpu().contiguous() for name, s in self.layers.items()
+                   for f in FIELDS}
         info = {"meta": self.meta, "tokens": {name: s.tokens for name, s in self.layers.items()}}
         with atomic_path(Path(directory)) as tmp:
             tmp.mkdir()
@@ -89,7 +91,8 @@ class ActivationStats:
 def recording(module: nn.Module, prefix: str = "", skip: str | None = None) -> Iterator[dict[str, LayerStats]]:
     """Statistics of every nn.Linear input inside `module` (named `prefix`; names under `skip` left out),
     updated while the block runs. The walk records one decoder layer at a time with it."""
-    layers = {name: LayerStats.empty(mod.in_features) for name, mod in module.named_modules(prefix=prefix)
+    layers = {name: LayerStats.empty(mod.in_features, mod.weight.device)
+              for name, mod in module.named_modules(prefix=prefix)
               if isinstance(mod, nn.Linear) and not (skip is not None and name.startswith(skip))}
     with capturing(module, prefix, lambda name, x: layers[name].update(x), skip):
         yield layers

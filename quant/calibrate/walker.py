@@ -35,6 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from quant.calibrate.stats import ActivationStats, LayerStats, recording
 from quant.errors import CalqError
 from quant.models import Layer, ModelConfig, decoder_layers, layers_path, resolve_model_path
+from pydantic import Field
+
 from quant.schema import StrictModel
 
 Propagate = Literal["float", "quantized"]
@@ -46,8 +48,9 @@ class SequentialConfig(StrictModel):
     propagate: Propagate = "float"
     """Outputs fed to the next layer: the transformed float layer's (the same result as the whole-model path) or
     the quantized layer's (each layer calibrated on the inputs it will see once quantized)."""
-    device: str = "cpu"
-    """Where each layer computes ("cuda" on a GPU); quantized layers are kept on CPU."""
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$")
+    """Where each layer computes; null: the model's device (model.device). One float layer at a time is there, the
+    rest of the model stays on disk and the quantized layers on CPU, so a model larger than the GPU calibrates."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ def calibration_subset(samples: list[Tensor], max_tokens: int) -> list[Tensor]:
     """Evenly spaced samples totalling about `max_tokens` tokens (at least one sample)."""
     mean_len = sum(len(s) for s in samples) / len(samples)
     k = min(len(samples), max(1, round(max_tokens / mean_len)))
-    return [samples[i] for i in torch.linspace(0, len(samples) - 1, k).round().long().tolist()]
+    return [samples[i] for i in torch.linspace(0, len(samples) - 1, k, device="cpu").round().long().tolist()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,17 +231,16 @@ class Streamed(Resident):
     """A checkpoint on disk: a model skeleton on the meta device whose parts are loaded from disk only while
     they are needed and dropped back to meta after."""
 
-    def __init__(self, source: ModelConfig, device: str = "cpu") -> None:
+    def __init__(self, source: ModelConfig, device: str | None = None) -> None:
         path = Path(resolve_model_path(source.source))
         if not path.is_dir():
             raise CalqError(f"sequential calibration needs a local checkpoint directory, got {source.source!r}; "
                             "download the model (huggingface-cli download) and point model.source at it")
         self.ckpt = _Checkpoint(path)
-        with init_empty_weights():  # parameters on meta, buffers (rotary frequencies) real
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
-                                                     dtype=getattr(torch, source.dtype))
+        with torch.device("cpu"), init_empty_weights():  # parameters on meta, buffers (rotary frequencies) on CPU
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=source.torch_dtype)
         super().__init__(model.eval().requires_grad_(False))
-        self.device, self.home = torch.device(device), torch.device("cpu")
+        self.device, self.home = torch.device(device) if device else source.torch_device, torch.device("cpu")
 
     def _rest(self) -> list[str]:
         return [k for k in self.model.state_dict() if not k.startswith(self.prefix)]

@@ -72,15 +72,15 @@ def _temperature_norm(model: nn.Module) -> nn.Module:
 def apply_temperature(model: nn.Module, temperature: float) -> None:
     """Divide the model's logits by `temperature`, in place, by scaling its final norm."""
     norm = _temperature_norm(model)
-    fold_scales(norm, [], torch.full((norm.weight.numel(),), float(temperature)))
+    fold_scales(norm, [], torch.full((norm.weight.numel(),), float(temperature), device=norm.weight.device))
 
 
 def _fit_positions(samples: list[Tensor], cfg: RecalibrateConfig) -> list[tuple[Tensor, Tensor]]:
     """(sample, sorted positions) pairs the fit reads: the same for every model given the same samples."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # positions: host-side index arithmetic
     samples = samples[::-(-len(samples) // cfg.max_samples)]  # ceil division: at most max_samples, spread out
     per_sample = max(cfg.positions // len(samples), 1)
-    return [(ids, torch.randperm(len(ids) - 1, generator=gen)[:per_sample].sort().values) for ids in samples]
+    return [(ids, torch.randperm(len(ids) - 1, generator=gen, device="cpu")[:per_sample].sort().values) for ids in samples]
 
 
 @torch.inference_mode()
@@ -111,7 +111,7 @@ def _collect(model: nn.Module, reference: list[Tensor] | None, samples: list[Ten
     for i, ((ids, pos), z) in enumerate(zip(picks, logits)):
         if reference is None:
             targets.append(ids[1:][pos])
-            agree.append(torch.ones(len(pos), dtype=torch.bool))
+            agree.append(torch.ones(len(pos), dtype=torch.bool, device="cpu"))
         else:
             p_ref = reference[i].float().softmax(-1)
             targets.append((p_ref * z.float()).sum(-1))  # cross-entropy(p_ref, softmax(z/T)) = lse(z/T) - (p_ref.z)/T

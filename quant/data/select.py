@@ -210,6 +210,6 @@ def select_samples(tokenizer: PreTrainedTokenizerBase, cfg: SelectConfig,
     for j in chosen:
         doc, start, chunk, key = unique[idx_pool[j]]
         samples.append(Sample(doc.source, doc.doc_id, start, start + len(chunk) - len(prefix), key))
-        token_ids.append(torch.tensor(chunk, dtype=torch.long))
+        token_ids.append(torch.tensor(chunk, dtype=torch.long, device="cpu"))
     per_source = {s: int(sum(1 for x in samples if x.source == s)) for s in sources}
     return Selection(samples, token_ids, diversity, per_source, len(pool), duplicates)

@@ -136,7 +136,7 @@ def eval_windows(tokenizer: PreTrainedTokenizerBase, cfg: TextEvalConfig) -> lis
     if n < cfg.windows:
         raise CalqError(f"evaluation text has {n} windows of {cfg.seq_len} tokens, {cfg.windows} requested; "
                         "lower evaluation.text.windows or add sources")
-    return [torch.tensor(prefix + ids[i * step:(i + 1) * step]) for i in range(cfg.windows)]
+    return [torch.tensor(prefix + ids[i * step:(i + 1) * step], device="cpu") for i in range(cfg.windows)]
 
 
 @torch.inference_mode()
@@ -245,10 +245,10 @@ def mmlu_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, items
     groups = forward_groups(models)
     for batch in tqdm(batches, desc="eval mmlu", unit="batch"):
         width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long, device="cpu")  # token ids: host data
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
         for row, i in enumerate(batch):  # left padding: the answer position is the last column
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], device="cpu")
             mask[row, width - len(encoded[i]):] = 1
         for model, views in groups:
             dev = next(model.parameters()).device

@@ -23,14 +23,14 @@ def pack_awq(codes: Tensor) -> Tensor:
     """(rows, cols) codes in 0..15 -> int32 (rows, cols / 8) in AutoAWQ's GEMM order."""
     rows, cols = codes.shape
     words = codes.to(torch.int64).view(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]
-    packed = (words << torch.arange(0, 32, 4)).sum(-1)
+    packed = (words << torch.arange(0, 32, 4, device=codes.device)).sum(-1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
     """What keeps this variant of this model from the format (empty: it exports)."""
     w = spec.weights
-    if w.num_bits != 4 or w.group_size is None:
+    if w.num_bits != 4 or w.group_size is None or w.type != "int":
         return [f"AWQ's GEMM format is group-wise int4; {spec.name!r} is W{w.num_bits} with one scale per output "
                 "channel: use --format compressed-tensors or gguf"]
     narrow = [n for n, (_, out) in shapes.items() if out % 8]

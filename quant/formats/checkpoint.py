@@ -123,7 +123,7 @@ def load(path: str | Path, device: str | torch.device | None = None, variant: st
     info = checkpoint_info(directory)
     config = AutoConfig.from_pretrained(directory)
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, config.dtype or "float32")
-    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
+    with torch.device("cpu"), init_empty_weights():  # parameters on meta; buffers (rotary frequencies) on CPU
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in info.quantized:
         linear = model.get_submodule(name)

@@ -31,7 +31,7 @@ def _ct_scheme(src: ExportSource):
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=spec.weights.symmetric,
                                    strategy="group" if group else "channel", group_size=group)
     else:
-        weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+        weights = QuantizationArgs(num_bits=8, type=spec.weights.type, symmetric=True, strategy="channel")
     acts = None
     if spec.input_activations is not None:
         a = spec.input_activations
@@ -41,7 +41,8 @@ def _ct_scheme(src: ExportSource):
 
 
 def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
-    """Our codes and scales, handed to compressed-tensors: W4A16 as pack-quantized, W8A8/W8A16 as int-quantized."""
+    """Our codes and scales, handed to compressed-tensors: W4A16 as pack-quantized, W8A8/W8A16 as int-quantized,
+    FP8 as float-quantized (vLLM's FP8_DYNAMIC)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
@@ -71,7 +72,8 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
             target.weight_zero_point.data.copy_((q.zeros.to(torch.int16) - 8).to(torch.int8))  # ct codes are signed
         if q.act_mode == "static":
             target.input_scale.data.copy_(q.act_scale.reshape(target.input_scale.shape))
-    fmt = "pack-quantized" if src.info.spec.weights.num_bits == 4 else "int-quantized"
+    w = src.info.spec.weights
+    fmt = "pack-quantized" if w.num_bits == 4 else "float-quantized" if w.type == "float" else "int-quantized"
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.to(dtype)

@@ -88,6 +88,8 @@ def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
     """What keeps this variant of this model from the format (empty: it exports): the architecture, its RoPE
     variant, and layers that are not whole llama.cpp blocks."""
     found = []
+    if spec.weights.type == "float":
+        found.append("llama.cpp has no FP8 weight type; export FP8 to compressed-tensors (vLLM)")
     if config.model_type != "llama":
         found.append(f"GGUF export writes the llama architecture; this model is {config.model_type!r}: use --format "
                      "compressed-tensors")
@@ -110,7 +112,7 @@ def llama3_rope_factors(config) -> Tensor:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    exponents = torch.arange(0, len(scaled) * 2, 2).double() / (2 * len(scaled))
+    exponents = torch.arange(0, len(scaled) * 2, 2, device="cpu").double() / (2 * len(scaled))
     default = config.rope_parameters["rope_theta"] ** -exponents
     return (default / scaled.double()).float()
 

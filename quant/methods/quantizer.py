@@ -30,21 +30,23 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, weights: WeightScheme, activations: ActScheme | None,
-                 bias: bool, dtype: torch.dtype) -> None:
+                 bias: bool, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
         groups = 1 if weights.group_size is None else -(-in_features // weights.group_size)
+        like = {"device": device}
         if weights.num_bits == 4:
-            self.register_buffer("qweight", torch.zeros(out_features, -(-in_features // 8), dtype=torch.int32))
-            self.register_buffer("scales", torch.zeros(out_features, groups, dtype=dtype))
-            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+            self.register_buffer("qweight", torch.zeros(out_features, -(-in_features // 8), dtype=torch.int32, **like))
+            self.register_buffer("scales", torch.zeros(out_features, groups, dtype=dtype, **like))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, **like))
         else:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-            self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32))
+            codes = torch.float8_e4m3fn if weights.type == "float" else torch.int8
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=codes, **like))
+            self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32, **like))
         static = activations is not None and not activations.dynamic
-        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if static else None)
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, **like) if static else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **like) if bias else None)
 
     @property
     def act_mode(self) -> str | None:
@@ -55,8 +57,8 @@ class QuantLinear(nn.Module):
                     act_absmax: Tensor | None = None, codes: Codes | None = None) -> QuantLinear:
         """Round the linear's weight (min-max), or store `codes` a method chose for it."""
         w = linear.weight.detach()
-        mod = cls(linear.in_features, linear.out_features, weights, activations, linear.bias is not None, w.dtype)
-        mod.to(w.device)
+        mod = cls(linear.in_features, linear.out_features, weights, activations, linear.bias is not None, w.dtype,
+                  w.device)
         if codes is not None and codes.q.shape != w.shape:
             raise ValueError(f"codes of shape {tuple(codes.q.shape)} for a weight of shape {tuple(w.shape)}")
         q, scale, zero = (codes.q, codes.scale, codes.zero) if codes is not None else quantize_weight(w, weights)
@@ -65,7 +67,7 @@ class QuantLinear(nn.Module):
             mod.scales.copy_(scale.to(w.dtype))
             mod.zeros.copy_(zero.to(torch.uint8))
         else:
-            mod.qweight.copy_(q.to(torch.int8))
+            mod.qweight.copy_(q.to(mod.qweight.dtype))
             mod.scales.copy_(scale[:, 0])
         if mod.act_scale is not None:
             if act_absmax is None:
@@ -76,6 +78,8 @@ class QuantLinear(nn.Module):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weights.type == "float":
+            return kernels.fp8_linear(x, self.qweight, self.scales, self.bias)
         if self.weights.num_bits == 4:
             return kernels.int4_linear(x, self.qweight, self.scales, self.zeros,
                                        self.weights.group_size or self.in_features, self.bias)
@@ -85,7 +89,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f"A8-{self.act_mode}" if self.activations else "A16"
-        return (f"{self.in_features}, {self.out_features}, W{self.weights.num_bits} "
+        kind = "FP" if self.weights.type == "float" else "W"
+        return (f"{self.in_features}, {self.out_features}, {kind}{self.weights.num_bits} "
                 f"g{self.weights.group_size or 'channel'} {'sym' if self.weights.symmetric else 'asym'} {act}")
 
 

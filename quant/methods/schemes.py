@@ -23,7 +23,8 @@ class WeightScheme(StrictModel):
 
     renamed = {"bits": "num_bits"}
     num_bits: Literal[4, 8] = 8
-    type: Literal["int"] = "int"
+    type: Literal["int", "float"] = "int"
+    """float: FP8 e4m3 (8 bits, one scale per output channel)."""
     strategy: Literal["group", "channel"] | None = None
     """None: "group" when group_size is set, else "channel" (as compressed-tensors infers it)."""
     group_size: int | None = None
@@ -40,6 +41,9 @@ class WeightScheme(StrictModel):
         if self.num_bits == 8 and (strategy != "channel" or not self.symmetric):
             raise ValueError("8-bit weights are per-channel symmetric: set strategy: channel (no group_size) and "
                              "symmetric: true")
+        if self.type == "float" and (self.num_bits != 8 or strategy != "channel" or not self.symmetric):
+            raise ValueError("float weights are FP8 e4m3 with one scale per output channel: num_bits 8, no "
+                             "group_size, symmetric")
         if self.group_size is not None and (self.group_size < 16 or self.group_size % 16):
             raise ValueError(f"group_size {self.group_size}: calq's CUDA kernels take multiples of 16; use 32, 64 or "
                              "128 (or none)")
@@ -52,7 +56,8 @@ class ActScheme(StrictModel):
 
     renamed = {"mode": "dynamic: true (per token) or dynamic: false with strategy: tensor"}
     num_bits: Literal[8] = 8
-    type: Literal["int"] = "int"
+    type: Literal["int", "float"] = "int"
+    """float: FP8 e4m3 activations (dynamic per token only)."""
     strategy: Literal["token", "tensor"] | None = None
     """None: "token" when dynamic, else "tensor"."""
     dynamic: bool = True
@@ -65,6 +70,8 @@ class ActScheme(StrictModel):
         if (strategy == "token") != self.dynamic:
             raise ValueError(f"{'dynamic' if self.dynamic else 'static'} activations with strategy {strategy!r}: "
                              "calq runs dynamic per-token or static per-tensor activation scales")
+        if self.type == "float" and not self.dynamic:
+            raise ValueError("FP8 activations are dynamic per token in calq: set dynamic: true")
         return self
 
     @property
@@ -76,6 +83,7 @@ PRESETS: dict[str, dict] = {
     "W4A16": {"weights": {"num_bits": 4, "group_size": 128, "symmetric": True}},
     "W4A16_ASYM": {"weights": {"num_bits": 4, "group_size": 128, "symmetric": False}},
     "W8A8": {"weights": {"num_bits": 8}, "input_activations": {"dynamic": True}},
+    "FP8_DYNAMIC": {"weights": {"num_bits": 8, "type": "float"}, "input_activations": {"type": "float", "dynamic": True}},
 }
 """compressed-tensors' preset schemes of the same names (their weights and input_activations). Its W8A16 is int8 in
 groups of 128, which calq's int8 kernels do not run; per-channel W8A16 is `weights: {num_bits: 8}` alone."""
@@ -96,8 +104,14 @@ def grouped(w: Tensor, group_size: int | None) -> Tensor:
     return w.reshape(n, -1, gs)
 
 
-def code_range(scheme: WeightScheme) -> tuple[int, int]:
-    """Smallest and largest code: [0, 2^bits - 1] for int4, [-127, 127] for int8."""
+FP8_MAX = 448.0
+"""The largest float8 e4m3 value."""
+
+
+def code_range(scheme: WeightScheme) -> tuple[float, float]:
+    """Smallest and largest code: [0, 2^bits - 1] for int4, [-127, 127] for int8, [-448, 448] for FP8."""
+    if scheme.type == "float":
+        return -FP8_MAX, FP8_MAX
     return (-127, 127) if scheme.num_bits == 8 else (0, 2**scheme.num_bits - 1)
 
 
@@ -109,6 +123,10 @@ def quantize_weight(w: Tensor, scheme: WeightScheme, clip: Tensor | float = 1.0)
     """
     n, k = w.shape
     g = grouped(w.float(), scheme.group_size)
+    if scheme.type == "float":  # FP8: codes are e4m3 values (held in float32), round to nearest even
+        scale = (g.abs().amax(-1) * clip).clamp(min=1e-12) / FP8_MAX
+        q = (g / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        return q.reshape(n, -1)[:, :k], scale, torch.zeros_like(scale)
     bits = scheme.num_bits
     qmax = 2**bits - 1
     lo_code, hi_code = code_range(scheme)

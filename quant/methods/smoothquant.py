@@ -34,11 +34,12 @@ class SmoothQuantConfig(StrictModel):
 def smoothing_scales(act_absmax: Tensor, weights: list[Tensor], alpha: float) -> Tensor:
     """The paper's per-channel scales; both maxima are floored at 1e-5 so dead channels stay finite."""
     w_absmax = torch.stack([w.float().abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
-    return (act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=1e-5)
+    act = act_absmax.to(w_absmax.device).float().clamp(min=1e-5)  # statistics may be cached on CPU
+    return (act.pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=1e-5)
 
 
 def _divided(stats: LayerStats, s: Tensor) -> LayerStats:
-    s = s.double()
+    s = s.to(stats.absmax.device).double()
     return replace(stats, absmax=stats.absmax / s, min=stats.min / s, max=stats.max / s, sum_abs=stats.sum_abs / s)
 
 
@@ -60,4 +61,5 @@ def smooth_layer(call: LayerCall) -> LayerChange:
 
 
 METHOD = Method("smoothquant", SmoothQuantConfig, smooth_layer, needs_stats=True, needs_activations=True,
+                integer_only=False,
                 check_model=lambda model: check_model(model, "SmoothQuant"))

@@ -69,6 +69,8 @@ class Method:
     """Reads the float model's activation statistics."""
     needs_activations: bool = False
     """Only helps quantized activations (SmoothQuant): refused for weight-only schemes."""
+    integer_only: bool = True
+    """Picks or searches integer codes (AWQ, GPTQ): refused for FP8 schemes."""
     check_model: Callable[[nn.Module], object] | None = None
     """Called with the model (a meta skeleton when streamed) before any work; raises CalqError if the method
     cannot handle it."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from quant.methods import awq, gptq, smoothquant
 from quant.methods.step import Method, NoOptions
 
-MINMAX = Method("minmax", NoOptions, None)
+MINMAX = Method("minmax", NoOptions, None, integer_only=False)
 """Round to nearest between each group's min and max: no transform, the shared quantizer alone."""
 
 METHODS: dict[str, Method] = {m.name: m for m in (MINMAX, smoothquant.METHOD, awq.METHOD, gptq.METHOD)}

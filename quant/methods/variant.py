@@ -82,6 +82,15 @@ class QuantSpec(StrictModel):
         if self.input_activations is not None and self.weights.num_bits != 8:
             raise ValueError(f"variant {self.name!r}: int8 activations need 8-bit weights (W8A8); "
                              "remove input_activations for weight-only W4A16")
+        acts = self.input_activations
+        if self.weights.type == "float" and (acts is None or acts.type != "float"):
+            raise ValueError(f"variant {self.name!r}: FP8 weights run with FP8 activations; use scheme FP8_DYNAMIC")
+        if acts is not None and acts.type != self.weights.type:
+            raise ValueError(f"variant {self.name!r}: {acts.type} activations with {self.weights.type} weights; "
+                             "calq runs int8 x int8 (W8A8) or FP8 x FP8 (FP8_DYNAMIC)")
+        if self.weights.type == "float" and method.integer_only:
+            raise ValueError(f"variant {self.name!r}: {self.method} picks integer codes; use minmax or smoothquant "
+                             "with FP8")
         if method.needs_activations and self.input_activations is None:
             raise ValueError(f"variant {self.name!r}: {self.method} only helps quantized activations; use scheme "
                              "W8A8 or add input_activations: {dynamic: true} (or {dynamic: false} for static)")

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from quant.errors import CalqError
 from quant.files import WheelFile, atomic_path, cache_dir, fetch_wheel_file, sha256_file
+from pydantic import Field, model_validator
+
 from quant.schema import StrictModel
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,37 @@ REGISTRY: dict[str, WheelFile] = {
     ),
 }
 
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ModelConfig(StrictModel):
     source: str = "smollm2-135m-instruct"
     """A registry name (see REGISTRY), a local Hugging Face directory, or a hub id."""
-    dtype: DType = "float32"
+    dtype: DType = "auto"
+    """auto: bfloat16 on a GPU, float32 on CPU."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """Where every stage computes: auto (the first GPU if there is one, else CPU), cpu, cuda or cuda:N."""
+
+    @model_validator(mode="after")
+    def _device_exists(self) -> ModelConfig:
+        if self.device.startswith("cuda"):
+            index = int(self.device.partition(":")[2] or 0)
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise ValueError(f"model.device {self.device} but this machine has {torch.cuda.device_count()} CUDA "
+                                 "devices; use auto or cpu")
+        return self
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
 
 
 def _convert_gguf(name: str, spec: WheelFile) -> Path:
@@ -109,9 +135,9 @@ def load_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
     path = resolve_model_path(config.source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype)
     except OSError as err:
         raise CalqError(f"could not load model {config.source!r}: {str(err).splitlines()[0]}") from err
-    model.eval()
+    model.to(config.torch_device).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -100,7 +100,7 @@ def test_static_activations_need_stats(tiny_model):
 def test_presets_are_compressed_tensors_schemes_and_old_keys_are_refused():
     from compressed_tensors.quantization import preset_name_to_scheme
 
-    for name in ("W4A16", "W4A16_ASYM", "W8A8"):
+    for name in ("W4A16", "W4A16_ASYM", "W8A8", "FP8_DYNAMIC"):
         ours, theirs = QuantSpec(name="v", scheme=name), preset_name_to_scheme(name, ["Linear"])
         for key, args in (("weights", theirs.weights), ("input_activations", theirs.input_activations)):
             mine = getattr(ours, key if key == "weights" else "input_activations")
@@ -177,3 +177,20 @@ def test_bfloat16_models_quantize_save_and_reload(family, tokenizer, tmp_path):
         save_quantized(result, tokenizer, tmp_path / spec.name)
         back, _ = load(tmp_path / spec.name, device="cpu")
         assert torch.equal(back(input_ids=ids).logits, out)
+
+
+def test_fp8_schemes_are_validated_when_the_recipe_loads():
+    spec = QuantSpec(name="f", scheme="FP8_DYNAMIC", method="smoothquant")
+    assert (spec.weights.type, spec.input_activations.type, spec.input_activations.dynamic) == ("float", "float", True)
+    with pytest.raises(ValueError, match="gptq picks integer codes"):
+        QuantSpec(name="f", scheme="FP8_DYNAMIC", method="gptq")
+    with pytest.raises(ValueError, match="FP8 weights run with FP8 activations"):
+        QuantSpec(name="f", weights={"num_bits": 8, "type": "float"})
+    with pytest.raises(ValueError, match="FP8 weights run with FP8 activations"):
+        QuantSpec(name="f", weights={"num_bits": 8, "type": "float"}, input_activations={"dynamic": True})
+    with pytest.raises(ValueError, match="float activations with int weights"):
+        QuantSpec(name="f", scheme="W8A8", input_activations={"type": "float"})
+    with pytest.raises(ValueError, match="FP8 e4m3 with one scale per output channel"):
+        WeightScheme(num_bits=4, type="float", group_size=32)
+    with pytest.raises(ValueError, match="FP8 activations are dynamic per token"):
+        ActScheme(type="float", dynamic=False)
