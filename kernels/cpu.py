@@ -204,14 +204,15 @@ def plan(op: str, m: int) -> str:
     for forced in reversed(_forced):
         if op in forced:
             return forced[op]
-    return _decide(op)[0]["decode" if m <= DECODE_MAX_M else "prefill"]
+    decided = _decided.get(op) or _decide(op)
+    return decided[0]["decode" if m <= DECODE_MAX_M else "prefill"]
 
 
 def record(op: str, path: str, planned: Optional[str] = None, why: str = "") -> None:
     """Count a call of op that ran path; planned (with why) when that was another path, which could not run it."""
-    _calls[f"{op}/{path}"] += 1
+    _calls[op, path] += 1
     if planned is not None and planned != path:
-        _fallbacks[f"{op}/{planned} -> {path}: {why}"] += 1
+        _fallbacks[op, planned, path, why] += 1
 
 
 def cpu_dispatch(decide: bool = True) -> CpuDispatch:
@@ -230,8 +231,11 @@ def cpu_dispatch(decide: bool = True) -> CpuDispatch:
                 regimes, reason = {regime: forced[op] for regime in _REGIMES}, "forced by force_cpu_paths"
         paths[op], reasons[op] = dict(regimes), reason
     cache = _caches[-1].stats() if _caches else None
-    return CpuDispatch(torch.backends.cpu.get_cpu_capability(), _features(), paths, reasons, dict(_calls),
-                       dict(_fallbacks), dict(_uncached), cache)  # fmt: skip
+    calls = {f"{op}/{path}": n for (op, path), n in _calls.items()}
+    fallbacks = {f"{op}/{planned} -> {path}: {why}": n for (op, planned, path, why), n in _fallbacks.items()}
+    uncached = {f"{op}/{path}": n for (op, path), n in _uncached.items()}
+    return CpuDispatch(torch.backends.cpu.get_cpu_capability(), _features(), paths, reasons, calls, fallbacks,
+                       uncached, cache)  # fmt: skip
 
 
 def reset_cpu_counters() -> None:
@@ -279,9 +283,9 @@ def _value_bytes(value: object) -> int:
 
 
 def _signature(tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
-    """(version, data_ptr, shape, stride) of each tensor; None when one does not track versions (inference tensors)."""
+    """(version, data_ptr, shape) of the tensors; None when one does not track versions (inference tensors)."""
     try:
-        return tuple((t._version, t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors)
+        return tuple([(t._version, t.data_ptr(), t.shape) for t in tensors])
     except RuntimeError:
         return None
 
@@ -307,12 +311,12 @@ class WeightCache:
         signature = _signature(tensors)
         if signature is None:
             return make(), False
-        key = (kind, tuple(id(t) for t in tensors))
+        key = (kind, *map(id, tensors))
         with _lock:
             entry = self._entries.get(key)
             if entry is not None:
-                refs, entry_signature, value, nbytes = entry
-                if all(r() is t for r, t in zip(refs, tensors)) and entry_signature == signature:
+                refs, entry_signature, value, _ = entry
+                if entry_signature == signature and all(r() is t for r, t in zip(refs, tensors)):
                     self._entries.move_to_end(key)
                     self._counts["hits"] += 1
                     return value, True
@@ -382,5 +386,5 @@ def prepared(op: str, path: str, tensors: tuple[torch.Tensor, ...], make: Callab
     else:
         value, kept = make(), False
     if not kept:
-        _uncached[f"{op}/{path}"] += 1
+        _uncached[op, path] += 1
     return value

@@ -51,6 +51,10 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return nibbles.flatten(1)[:, :k].to(torch.uint8)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv costs microseconds per call, which the CPU decode path feels
+
+
 def _check_int4_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int]:
     """Check the arguments of int4_linear (any device, any float x); return (N, K)."""
     if not x.is_floating_point():
@@ -59,14 +63,14 @@ def _check_int4_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, 
     if qweight.dim() != 2 or qweight.dtype != torch.int32:
         raise ValueError(f"int4_linear: qweight must be 2-D int32 (pack_int4), got {qweight.dim()}-D {qweight.dtype}")
     n = qweight.shape[0]
-    if qweight.shape[1] != triton.cdiv(k, 8):
+    if qweight.shape[1] != _cdiv(k, 8):
         raise ValueError(
-            f"int4_linear: x has K={k}, which needs qweight of shape ({n}, {triton.cdiv(k, 8)}), "
+            f"int4_linear: x has K={k}, which needs qweight of shape ({n}, {_cdiv(k, 8)}), "
             f"got {tuple(qweight.shape)}"
         )
     if group_size <= 0:
         raise ValueError(f"int4_linear: group_size must be positive, got {group_size}")
-    groups = (n, triton.cdiv(k, group_size))
+    groups = (n, _cdiv(k, group_size))
     if tuple(scales.shape) != groups or not scales.is_floating_point():
         raise ValueError(
             f"int4_linear: scales must be float of shape {groups}, got {scales.dtype} {tuple(scales.shape)}"

@@ -95,9 +95,10 @@ def int8_linear_ref(
 
 
 def _int_matmul(q: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
-    """Exact int32 (..., K) x (N, K)^T. On CPU torch._int_mm is exact and ~4x faster than fp32 (the CPU
-    runtime path of the quantized model); elsewhere float64 is exact for |sums| < 2**53 and takes any shape."""
-    if q.device.type == "cpu":
+    """Exact int32 (..., K) x (N, K)^T. On CPU torch._int_mm is exact, except for K = 1, where torch 2.13's oneDNN
+    path returns uninitialized memory; elsewhere (and for K = 1) float64 is exact for |sums| < 2**53 and takes any
+    shape."""
+    if q.device.type == "cpu" and q.shape[-1] > 1:
         return torch._int_mm(q.reshape(-1, q.shape[-1]), qweight.T).reshape(*q.shape[:-1], -1)
     return (q.double() @ qweight.double().T).to(torch.int32)
 
@@ -130,8 +131,8 @@ def _quantize_float(x2: torch.Tensor, act_scale: Optional[torch.Tensor]) -> tupl
 def _scale_sums(sums, scale, w_scale, bias, dtype) -> torch.Tensor:
     """The reference's epilogue on exact integer sums (int32, float32 or float64): sums * scale * w_scale (+ bias),
     in float64 and in the reference's order, then cast to dtype. Bit for bit int8_linear_ref."""
-    out = torch.mul(sums, scale.double())
-    out.mul_(w_scale.double())
+    out = sums.double()  # not torch.mul(sums, scale.double()): a 0-d static scale would not promote to float64
+    out.mul_(scale.double()).mul_(w_scale.double())
     if bias is not None:
         out.add_(bias.double())
     return out.to(dtype)
@@ -185,7 +186,7 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
     _cpu.record(op, path, planned, why)
     q, scale = _quantize_float(x2, act_scale if act == "static" else None)
     if path == "int_mm":
-        sums = torch._int_mm(q.to(torch.int8), qweight.T)
+        sums = _int_matmul(q.to(torch.int8), qweight)
     else:
         sums = _float_exact_matmul(q, _cpu.prepared(op, path, (qweight,), qweight.float))
     return _scale_sums(sums, scale, w_scale, bias, x.dtype).view(*x.shape[:-1], n)
