@@ -24,7 +24,6 @@ from kernels import (
 )
 from kernels import cpu
 from kernels.int4 import _dequantize_cpu, _int4pack_group
-from kernels.int8 import _EXACT_CHUNK_K
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -71,7 +70,7 @@ def calls(op: str, path: str) -> int:
 
 @pytest.mark.parametrize("path", ["int_mm", "float_exact"])
 @pytest.mark.parametrize("act", ["dynamic", "static"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])  # float64 output shows the epilogue's rounding
 @pytest.mark.parametrize("shape,n", [((1, 1), 3), ((3, 70), 33), ((2, 5, 40), 17), ((4, 1025), 9), ((3, 2100), 5)])
 def test_w8a8_paths_equal_the_reference_bitwise(path, act, dtype, shape, n):
     k = shape[-1]
@@ -85,9 +84,10 @@ def test_w8a8_paths_equal_the_reference_bitwise(path, act, dtype, shape, n):
     assert calls("w8a8", path) == 1
 
 
-@pytest.mark.parametrize("k", [_EXACT_CHUNK_K, 2100, 4096])
+@pytest.mark.parametrize("k", [1024, 2101, 4097])
 def test_float_exact_split_k_is_exact_where_one_float32_sum_is_not(k):
-    """Sums of up to k * 127 * 128 >= 2**24: a single float32 matmul rounds them, the K chunks do not."""
+    """Odd sums of k odd products above 2**24, which float32 cannot hold: a single float32 matmul gets them wrong,
+    the K chunks do not. float64 x, so that the output shows a sum off by one."""
     n = 8
     gen = torch.Generator().manual_seed(k)
     qweight = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
@@ -95,15 +95,15 @@ def test_float_exact_split_k_is_exact_where_one_float32_sum_is_not(k):
     qweight[1] = -128
     signs = torch.randint(0, 2, (1, k), generator=gen) * 2 - 1
     qweight[2] = (signs[0] * 127).to(torch.int8)
-    x = torch.cat([torch.full((1, k), 3.0), signs * 3.0, torch.randn(2, k)])  # rows quantize to +-127
-    x[0, ::7] = -2.9  # odd partial sums, so that float32 rounding shows
+    x = torch.cat([torch.full((1, k), 3.0), signs * 3.0, torch.randn(2, k)]).double()  # rows quantize to +-127
+    x[0, ::7] = -2.9  # codes 127 and -123: every product odd
     w_scale = torch.ones(n)
     with force_cpu_paths(w8a8="float_exact"):
         out = int8_linear(x, qweight, w_scale)
     ref = int8_linear_ref(x, qweight, w_scale)
     assert_bitwise(out, ref)
     exact = (torch.round(x / (x.abs().amax(-1, keepdim=True) / 127)).long() @ qweight.long().T).abs().max()
-    assert exact > 2**24 or k == _EXACT_CHUNK_K
+    assert exact > 2**24 or k == 1024
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -116,8 +116,12 @@ def test_w8a8_non_finite_rows_match_the_reference(path):
     x[2] = 0  # scale 1
     with force_cpu_paths(w8a8=path):
         out = int8_linear(x, qweight, w_scale)
+        static = int8_linear(x, qweight, w_scale, act="static", act_scale=torch.tensor(0.02))
     assert_bitwise(out, int8_linear_ref(x, qweight, w_scale))
     assert out[0].isnan().all() and not out[1].isfinite().any() and (out[2] == 0).all()
+    # a static scale quantizes NaN to 0 and inf to 127: the rows stay finite
+    assert_bitwise(static, int8_linear_ref(x, qweight, w_scale, act="static", act_scale=torch.tensor(0.02)))
+    assert static.isfinite().all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,14 +156,16 @@ def test_w8a16_int8pack_matches_the_reference_in_bfloat16_tolerance(shape, n):
 def test_w8a16_int8pack_falls_back_where_it_does_not_apply():
     qweight, w_scale = random_int8(33, 70)  # K % 16 != 0: torch's kernel crashes or miscomputes
     x = torch.randn(3, 70)
+    q64, scale64 = random_int8(16, 64)
+    x64 = torch.randn(3, 64)
     with force_cpu_paths(w8a16="int8pack"):
         out_bf16 = int8_linear(x.bfloat16(), qweight, w_scale, act="none")
-        out_fp32 = int8_linear(x, qweight, w_scale, act="none")  # float32 x takes dequant by design
+        out_fp32 = int8_linear(x64, q64, scale64, act="none")  # float32 x takes dequant by design, no fallback
     assert_bitwise(out_bf16, int8_linear_ref(x.bfloat16(), qweight, w_scale, act="none"))
-    assert_bitwise(out_fp32, int8_linear_ref(x, qweight, w_scale, act="none"))
+    assert_bitwise(out_fp32, int8_linear_ref(x64, q64, scale64, act="none"))
     info = cpu_dispatch(decide=False)
     assert info.calls == {"w8a16/dequant": 2}
-    assert list(info.fallbacks) == ["w8a16/int8pack -> dequant: int8pack needs K % 16 == 0 and a non-empty output"]
+    assert info.fallbacks == {"w8a16/int8pack -> dequant: int8pack needs K % 16 == 0 and a non-empty output": 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,10 +251,11 @@ def test_weight_cache_is_bounded_lru_and_released():
             int4_linear(x, qweight, scales, zeros, 32)
         stats = cache.stats()
         assert stats["entries"] == 2 and stats["bytes"] == 2 * each and stats["evictions"] == 1
-        int4_linear(x, *weights[2], 32)  # most recent: a hit
-        int4_linear(x, *weights[0], 32)  # evicted first: a miss, which evicts weights[1]
+        int4_linear(x, *weights[1], 32)  # the oldest entry: a hit, which makes it the most recently used
+        int4_linear(x, *weights[0], 32)  # evicted first: a miss, which evicts the least recently used, weights[2]
+        int4_linear(x, *weights[1], 32)  # still held: a hit
         stats = cache.stats()
-        assert (stats["hits"], stats["misses"], stats["evictions"]) == (1, 4, 2)
+        assert (stats["hits"], stats["misses"], stats["evictions"]) == (2, 4, 2)
         value = next(iter(cache._entries.values()))[2]
         alive = weakref.ref(value)
         del value
@@ -363,7 +370,7 @@ def test_measured_decision_picks_the_faster_path(monkeypatch):
     int_mm = torch._int_mm
 
     def slow_int_mm(a, b):
-        time.sleep(0.003)
+        time.sleep(0.02)
         return int_mm(a, b)
 
     try:
@@ -373,9 +380,10 @@ def test_measured_decision_picks_the_faster_path(monkeypatch):
         assert info.paths["w8a8"] == {"decode": "float_exact", "prefill": "float_exact"}, info.reasons["w8a8"]
         mm = torch.mm
         monkeypatch.setattr(torch, "_int_mm", int_mm)
-        monkeypatch.setattr(torch, "mm", lambda a, b: (time.sleep(0.003), mm(a, b))[1])
+        monkeypatch.setattr(torch, "mm", lambda a, b: (time.sleep(0.02), mm(a, b))[1])
         reset_cpu_dispatch()
-        assert cpu_dispatch().paths["w8a8"] == {"decode": "int_mm", "prefill": "int_mm"}
+        info = cpu_dispatch()
+        assert info.paths["w8a8"] == {"decode": "int_mm", "prefill": "int_mm"}, info.reasons["w8a8"]
     finally:
         monkeypatch.undo()
         reset_cpu_dispatch()
