@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -122,51 +123,47 @@ def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn
 # ----------------------------------------------------------------------------------------------
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each fn over reps rounds, each round calling every fn once in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+Variant = tuple[str, dict, Callable[[], object]]  # (x dtype, forced CPU paths, fn)
+
+
+def interleaved(variants: dict[str, Variant], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each variant's fn over reps rounds, each round calling every fn once in turn; the
+    variant's forced paths (and, for "uncached" ones, a weight_cache of 0 bytes) are entered outside the timer."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(warmup + reps):
+        for name, (_, paths, fn) in variants.items():
+            forced = {op: path for op, path in paths.items() if op != "uncached"}
+            with kernels.force_cpu_paths(**forced), kernels.weight_cache(0) if "uncached" in paths else nullcontext():
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def forced(op: str, path: str, fn: Callable[[], object]) -> Callable[[], object]:
-    def run():
-        with kernels.force_cpu_paths(**{op: path}):
-            return fn()
-
-    return run
-
-
-def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, tuple[str, Callable[[], object]]]:
-    """name -> (x dtype, fn) of every variant for one shape and M (see the module docstring)."""
+def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, Variant]:
+    """name -> (x dtype, forced paths, fn) of every variant for one shape and M (see the module docstring)."""
     x = torch.randn(m, k, generator=gen)
     w = torch.randn(n, k, generator=gen) * 0.02
     xb, wb = x.bfloat16(), w.bfloat16()
     qweight8, w_scale = quantize_int8(w)
-    out: dict[str, tuple[str, Callable[[], object]]] = {
-        "fp32": ("float32", lambda: F.linear(x, w)),
-        "bf16": ("bfloat16", lambda: F.linear(xb, wb)),
+    out: dict[str, Variant] = {
+        "fp32": ("float32", {}, lambda: F.linear(x, w)),
+        "bf16": ("bfloat16", {}, lambda: F.linear(xb, wb)),
     }
     for op, act in (("w8a8", "dynamic"), ("w8a16", "none")):
         def call(xx, act=act):
             return kernels.int8_linear(xx, qweight8, w_scale, act=act)
 
         for path in kernels.cpu.PATHS[op]:
-            if path in ("int8pack",):
-                continue
-            out[f"{op}/{path}"] = ("float32", forced(op, path, lambda call=call: call(x)))
-        out[f"{op}/auto"] = ("float32", lambda call=call: call(x))
+            if path != "int8pack":
+                out[f"{op}/{path}"] = ("float32", {op: path}, lambda call=call: call(x))
+        out[f"{op}/auto"] = ("float32", {}, lambda call=call: call(x))
         if op == "w8a16":
-            out[f"{op}/int8pack bf16"] = ("bfloat16", forced(op, "int8pack", lambda call=call: call(xb)))
-            out[f"{op}/dequant bf16"] = ("bfloat16", forced(op, "dequant", lambda call=call: call(xb)))
-            out[f"{op}/auto bf16"] = ("bfloat16", lambda call=call: call(xb))
+            out[f"{op}/int8pack bf16"] = ("bfloat16", {op: "int8pack"}, lambda call=call: call(xb))
+            out[f"{op}/dequant bf16"] = ("bfloat16", {op: "dequant"}, lambda call=call: call(xb))
+            out[f"{op}/auto bf16"] = ("bfloat16", {}, lambda call=call: call(xb))
     for group_size in (128, 64):
         op = f"w4a16-g{group_size}"
         qweight4, scales, zeros = quantize_int4(w, group_size)
@@ -174,21 +171,15 @@ def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, t
         def call4(xx, qweight4=qweight4, scales=scales, zeros=zeros, group_size=group_size):
             return kernels.int4_linear(xx, qweight4, scales, zeros, group_size)
 
-        out[f"{op}/dequant"] = ("float32", forced("w4a16", "dequant", lambda call4=call4: call4(x)))
-        out[f"{op}/ref"] = ("float32", forced("w4a16", "ref", lambda call4=call4: call4(x)))
-        out[f"{op}/auto"] = ("float32", lambda call4=call4: call4(x))
-        out[f"{op}/int4pack bf16"] = ("bfloat16", forced("w4a16", "int4pack", lambda call4=call4: call4(xb)))
-        out[f"{op}/dequant bf16"] = ("bfloat16", forced("w4a16", "dequant", lambda call4=call4: call4(xb)))
-        out[f"{op}/auto bf16"] = ("bfloat16", lambda call4=call4: call4(xb))
-        uncached = forced("w4a16", "dequant", lambda call4=call4: call4(x))
-        out[f"{op}/dequant-uncached"] = ("float32", lambda uncached=uncached: uncache(uncached))
+        out[f"{op}/dequant"] = ("float32", {"w4a16": "dequant"}, lambda call4=call4: call4(x))
+        out[f"{op}/ref"] = ("float32", {"w4a16": "ref"}, lambda call4=call4: call4(x))
+        out[f"{op}/auto"] = ("float32", {}, lambda call4=call4: call4(x))
+        out[f"{op}/int4pack bf16"] = ("bfloat16", {"w4a16": "int4pack"}, lambda call4=call4: call4(xb))
+        out[f"{op}/dequant bf16"] = ("bfloat16", {"w4a16": "dequant"}, lambda call4=call4: call4(xb))
+        out[f"{op}/auto bf16"] = ("bfloat16", {}, lambda call4=call4: call4(xb))
+        out[f"{op}/dequant-uncached"] = ("float32", {"w4a16": "dequant", "uncached": True},
+                                         lambda call4=call4: call4(x))  # fmt: skip
     return out
-
-
-def uncache(fn: Callable[[], object]) -> object:
-    """Run fn as outside any weight_cache: an inner one of 0 bytes holds nothing."""
-    with kernels.weight_cache(max_bytes=0):
-        return fn()
 
 
 def bench_linears(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> list[dict]:
@@ -199,8 +190,8 @@ def bench_linears(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> li
             reps = args.big_reps if n * k > BIG else args.reps
             variants = linear_variants(m, n, k, gen)
             with kernels.weight_cache(max_bytes=16 * 2**30):
-                times = interleaved({name: fn for name, (_, fn) in variants.items()}, reps)
-            for name, (dtype, _) in variants.items():
+                times = interleaved(variants, reps)
+            for name, (dtype, _, _) in variants.items():
                 rows.append({"n": n, "k": k, "m": m, "variant": name, "x_dtype": dtype, "ms": times[name] * 1e3,
                              "ratio_vs_fp32": times[name] / times["fp32"],
                              "ratio_vs_bf16": times[name] / times["bf16"]})  # fmt: skip
