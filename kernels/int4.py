@@ -171,28 +171,29 @@ def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tenso
         return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
     tensors = (qweight, scales, zeros)
     if path == "int4pack":
-        torch_group = _int4pack_group(n, k, group_size)
         if x.dtype != torch.bfloat16:
             path = planned = "dequant"  # int4pack is for bfloat16 x; other dtypes take dequant by design
-        elif torch_group is None or not m:
-            path = "dequant"
-            why = "int4pack needs N % 16 == 0, a group size of 32/64/128/256 dividing group_size and K, and rows"
+        else:
+            torch_group = _int4pack_group(n, k, group_size)
+            if torch_group is None or not m:
+                path = "dequant"
+                why = "int4pack needs N % 16 == 0, a group size of 32/64/128/256 dividing group_size and K, and rows"
     _cpu.record(op, path, planned, why)
-    x2 = x.reshape(-1, k)
     if path == "int4pack":
         packed, scales_zeros = _cpu.prepared(
             op, path, tensors, lambda: _int4pack_weight(qweight, scales, zeros, group_size, k, torch_group),
             f"g{group_size}",
         )  # fmt: skip
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, torch_group, scales_zeros)
+        x2 = x.reshape(-1, k).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, torch_group, scales_zeros)
         if bias is not None:
             out.add_(bias)
         return out.view(*x.shape[:-1], n)
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # promote_types(x, float32)
     w = _cpu.prepared(op, path, tensors, lambda: _dequantize_cpu(qweight, scales, zeros, group_size, k, dtype),
                       f"g{group_size}/{dtype}")  # fmt: skip
-    out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
-    return out.to(x.dtype)
+    out = F.linear(x if x.dtype == dtype else x.to(dtype), w, None if bias is None else bias.to(dtype))
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 _GEMM_CONFIGS = [

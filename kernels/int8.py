@@ -119,8 +119,8 @@ def _quantize_float(x2: torch.Tensor, act_scale: Optional[torch.Tensor]) -> tupl
     """
     xf = x2.float()
     if act_scale is None:
-        scale = xf.abs().amax(-1, keepdim=True) / 127
-        scale = torch.where(scale == 0, 1.0, scale)
+        scale = xf.abs().amax(-1, keepdim=True).div_(127)
+        scale.masked_fill_(scale == 0, 1.0)
     else:
         scale = act_scale.float()
     q = torch.div(xf, scale)
@@ -132,9 +132,9 @@ def _scale_sums(sums, scale, w_scale, bias, dtype) -> torch.Tensor:
     """The reference's epilogue on exact integer sums (int32, float32 or float64): sums * scale * w_scale (+ bias),
     in float64 and in the reference's order, then cast to dtype. Bit for bit int8_linear_ref."""
     out = sums.double()  # not torch.mul(sums, scale.double()): a 0-d static scale would not promote to float64
-    out.mul_(scale.double()).mul_(w_scale.double())
+    out.mul_(scale).mul_(w_scale)  # in place on float64: the float operands are converted to float64 exactly
     if bias is not None:
-        out.add_(bias.double())
+        out.add_(bias)
     return out.to(dtype)
 
 
@@ -186,7 +186,8 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
     _cpu.record(op, path, planned, why)
     q, scale = _quantize_float(x2, act_scale if act == "static" else None)
     if path == "int_mm":
-        sums = _int_matmul(q.to(torch.int8), qweight)
+        q = q.to(torch.int8)
+        sums = torch._int_mm(q, qweight.T) if k > 1 else _int_matmul(q, qweight)  # as the reference
     else:
         sums = _float_exact_matmul(q, _cpu.prepared(op, path, (qweight,), qweight.float))
     return _scale_sums(sums, scale, w_scale, bias, x.dtype).view(*x.shape[:-1], n)
