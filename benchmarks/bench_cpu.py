@@ -126,20 +126,26 @@ def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn
 Variant = tuple[str, dict, Callable[[], object]]  # (x dtype, forced CPU paths, fn)
 
 
-def interleaved(variants: dict[str, Variant], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each variant's fn over reps rounds, each round calling every fn once in turn; the
+def interleaved(variants: dict[str, Variant], reps: int, budget: float, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each variant's fn over rounds, each round calling every fn once in turn: at least reps
+    rounds, more (up to 500) while a round costs under budget / reps seconds, as measured in the warm-up. The
     variant's forced paths (and, for "uncached" ones, a weight_cache of 0 bytes) are entered outside the timer."""
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(warmup + reps):
+    rounds = warmup + reps
+    round_ = 0
+    while round_ < rounds:
         for name, (_, paths, fn) in variants.items():
             forced = {op: path for op, path in paths.items() if op != "uncached"}
             with kernels.force_cpu_paths(**forced), kernels.weight_cache(0) if "uncached" in paths else nullcontext():
                 start = time.perf_counter()
                 fn()
                 elapsed = time.perf_counter() - start
-            if round_ >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append(elapsed)
+        round_ += 1
+        if round_ == warmup:
+            per_round = sum(ts[-1] for ts in times.values())
+            rounds = warmup + max(reps, min(500, int(budget / max(per_round, 1e-9))))
+    return {name: statistics.median(ts[warmup:]) for name, ts in times.items()}
 
 
 def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, Variant]:
@@ -190,7 +196,7 @@ def bench_linears(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> li
             reps = args.big_reps if n * k > BIG else args.reps
             variants = linear_variants(m, n, k, gen)
             with kernels.weight_cache(max_bytes=16 * 2**30):
-                times = interleaved(variants, reps)
+                times = interleaved(variants, reps, args.budget)
             for name, (dtype, _, _) in variants.items():
                 rows.append({"n": n, "k": k, "m": m, "variant": name, "x_dtype": dtype, "ms": times[name] * 1e3,
                              "ratio_vs_fp32": times[name] / times["fp32"],
@@ -254,7 +260,19 @@ def bench_e2e(args: argparse.Namespace) -> list[dict]:
         models = e2e_models(getattr(torch, dtype))
         ids = torch.randint(0, 49152, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+        agreement = {}  # the logits of the dispatched paths against the reference paths: 64 tokens, then 1
         with torch.inference_mode(), kernels.weight_cache(max_bytes=16 * 2**30):
+            for name, (model, paths) in models.items():
+                op = name.split("-")[0].split(" ")[0]
+                if paths or op not in kernels.cpu.PATHS:
+                    continue
+                errors = []
+                for tokens in (64, 1):  # the prefill and the decode paths
+                    auto = model(input_ids=ids[:, :tokens]).logits.double()
+                    with kernels.force_cpu_paths(**{op: "ref"}):
+                        ref = model(input_ids=ids[:, :tokens]).logits.double()
+                    errors.append(((auto - ref).norm() / ref.norm()).item())
+                agreement[name] = max(errors)
             for round_ in range(args.e2e_reps + 1):  # round 0: warm-up (prepares the cached weights)
                 for name, (model, paths) in models.items():
                     with kernels.force_cpu_paths(**paths):
@@ -268,9 +286,11 @@ def bench_e2e(args: argparse.Namespace) -> list[dict]:
             rows.append({"model": name, "prefill_tokens": args.prefill_tokens, "prefill_s": prefill,
                          "prefill_tok_s": args.prefill_tokens / prefill, "prefill_ratio_vs_fp32": prefill / fp32[0],
                          "decode_tokens": args.decode_tokens, "decode_tok_s": args.decode_tokens / decode,
-                         "decode_ratio_vs_fp32": decode / fp32[1]})  # fmt: skip
+                         "decode_ratio_vs_fp32": decode / fp32[1],
+                         "logits_rel_err_vs_ref": agreement.get(name, "")})  # fmt: skip
+            check = f", logits vs ref paths {agreement[name]:.1e}" if name in agreement else ""
             print(f"e2e {name}: prefill {args.prefill_tokens / prefill:.0f} tok/s ({prefill / fp32[0]:.2f}x fp32 "
-                  f"time), decode {args.decode_tokens / decode:.1f} tok/s ({decode / fp32[1]:.2f}x)", flush=True)
+                  f"time), decode {args.decode_tokens / decode:.1f} tok/s ({decode / fp32[1]:.2f}x){check}", flush=True)
         del models
     return rows
 
@@ -321,7 +341,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_cpu"), help="folder for the CSVs and plot")
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 512], help="rows M (default: %(default)s)")
-    parser.add_argument("--reps", type=int, default=9, help="interleaved rounds per shape (median)")
+    parser.add_argument("--reps", type=int, default=9, help="interleaved rounds per shape and M, at least (median)")
+    parser.add_argument("--budget", type=float, default=4.0,
+                        help="seconds per shape and M: more rounds (up to 500) where they fit (default: %(default)s)")
     parser.add_argument("--big-reps", type=int, default=3, help=f"rounds for shapes with N*K > {BIG:,}")
     parser.add_argument("--shapes", choices=["smollm", "gemma", "all"], default="all")
     parser.add_argument("--no-linear", action="store_true", help="skip the per-linear timings")
@@ -341,7 +363,8 @@ def main() -> None:
         torch.backends.mkldnn.enabled = False
     shapes = {"smollm": SMOLLM_SHAPES, "gemma": GEMMA_SHAPES, "all": SMOLLM_SHAPES + GEMMA_SHAPES}[args.shapes]
     if args.quick:
-        shapes, args.reps, args.e2e_reps, args.prefill_tokens, args.decode_tokens = QUICK_SHAPES, 3, 1, 64, 4
+        shapes, args.reps, args.budget, args.e2e_reps = QUICK_SHAPES, 3, 0.5, 1
+        args.prefill_tokens, args.decode_tokens = 64, 4
     args.out.mkdir(parents=True, exist_ok=True)
 
     dispatch = kernels.cpu_dispatch()
