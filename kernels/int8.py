@@ -14,6 +14,7 @@ kernels/cpu.py chose for this machine (torch._int_mm or exact float32 matmuls fo
 the reference or torch's bfloat16 int8 kernel for W8A16); quantize_per_token and other devices run the references.
 """
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -107,6 +108,7 @@ def _int_matmul(q: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 # CPU paths (see kernels/cpu.py)
 # ----------------------------------------------------------------------------------------------
 
+_MIN_NORMAL = torch.finfo(torch.float32).tiny
 _EXACT_CHUNK_K = 1024
 """float32 sums of int8 x int8 products over at most this many terms are exact: 127 * 128 * 1024 < 2**24."""
 
@@ -124,13 +126,18 @@ def _quantize_float(x2: torch.Tensor, act_scale: Optional[torch.Tensor]) -> tupl
     else:
         scale = act_scale.float()
     q = torch.div(xf, scale)
-    q.round_().clamp_(-127, 127).nan_to_num_(0.0)
+    q.round_()
+    # Where every per-token scale is finite and normal, |x / scale| <= 127 * (1 + 2**-23) rounds to at most 127 and
+    # no row holds NaN or inf: clamp and nan_to_num would change nothing (worth checking from 64 rows on).
+    if act_scale is not None or q.shape[0] < 64 or not bool(((scale >= _MIN_NORMAL) & (scale < math.inf)).all()):
+        q.clamp_(-127, 127).nan_to_num_(0.0)
     return q, scale
 
 
 def _scale_sums(sums, scale, w_scale, bias, dtype) -> torch.Tensor:
     """The reference's epilogue on exact integer sums (int32, float32 or float64): sums * scale * w_scale (+ bias),
-    in float64 and in the reference's order, then cast to dtype. Bit for bit int8_linear_ref."""
+    in float64 and in the reference's order, then cast to dtype. Bit for bit int8_linear_ref. Float64 sums are
+    scaled in place (the caller's temporary)."""
     out = sums.double()  # not torch.mul(sums, scale.double()): a 0-d static scale would not promote to float64
     out.mul_(scale).mul_(w_scale)  # in place on float64: the float operands are converted to float64 exactly
     if bias is not None:
@@ -139,11 +146,15 @@ def _scale_sums(sums, scale, w_scale, bias, dtype) -> torch.Tensor:
 
 
 def _float_exact_matmul(q: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
-    """Exact q (M, K) @ wf (N, K).T of integer-valued float32 codes |q| <= 127, |wf| <= 128: float32 matmuls over K
-    chunks of at most 1024 (exact), summed in float64 (exact) when K needs more than one."""
+    """Exact q (M, K) @ wf (N, K).T of integer-valued float32 codes |q| <= 127, |wf| <= 128.
+
+    One float32 matmul is exact when every partial sum is an integer below 2**24 in magnitude, in whatever order
+    the BLAS adds: so when K <= 1024, or when each row's sum of |q| times 128 stays below 2**24 (real activations,
+    whose per-token scale is set by a few large values, mostly do). Otherwise float32 matmuls over K chunks of at
+    most 1024 (each exact), summed in float64 (exact)."""
     k = q.shape[1]
     chunks = -(-k // _EXACT_CHUNK_K)
-    if chunks <= 1:
+    if chunks <= 1 or float(q.abs().sum(-1).max()) * 128 < 2**24:
         return torch.mm(q, wf.T)
     step = -(-k // chunks)
     sums = torch.mm(q[:, :step], wf[:, :step].T).double()
