@@ -14,7 +14,9 @@ marked bf16, whose x (and the bf16 baseline) is bfloat16. ratio = time / the fp3
 
 End to end (e2e.csv): a random-weight SmolLM2-135M from benchmarks/smollm2-135m (AutoConfig + from_config) with
 every nn.Linear but lm_head swapped for a wrapper calling int8_linear / int4_linear on weights quantized here (min-max,
-no calibration), timed for a --prefill-tokens prefill and --decode-tokens decode steps (KV cache), interleaved.
+no calibration), timed for a --prefill-tokens prefill and --decode-tokens decode steps (KV cache; a quarter of them
+for the slow "ref" models), interleaved over --e2e-reps rounds after a warm-up round, medians; per quantized model also
+the relative error of its logits (64 tokens, and 1) against the same model on the reference paths.
 
 The CPU capability, hardware features and the dispatch's decisions go to dispatch.txt. Compare machines by running
 it with ATEN_CPU_CAPABILITY=avx2 (ATen's own kernels only; add ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
@@ -198,7 +200,8 @@ def bench_linears(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> li
             with kernels.weight_cache(max_bytes=16 * 2**30):
                 times = interleaved(variants, reps, args.budget)
             for name, (dtype, _, _) in variants.items():
-                rows.append({"n": n, "k": k, "m": m, "variant": name, "x_dtype": dtype, "ms": times[name] * 1e3,
+                rows.append({"capability": args.capability, "n": n, "k": k, "m": m, "variant": name, "x_dtype": dtype,
+                             "ms": times[name] * 1e3,
                              "ratio_vs_fp32": times[name] / times["fp32"],
                              "ratio_vs_bf16": times[name] / times["bf16"]})  # fmt: skip
             line = "  ".join(f"{name} {times[name] / times['fp32']:.2f}" for name in variants if name != "fp32")
@@ -240,7 +243,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def prefill_and_decode(model: nn.Module, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for decode_tokens greedy steps) with a DynamicCache."""
+    """(prefill seconds, seconds per decode step over decode_tokens greedy steps) with a DynamicCache."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -251,7 +254,7 @@ def prefill_and_decode(model: nn.Module, ids: torch.Tensor, decode_tokens: int) 
     start = time.perf_counter()
     for _ in range(decode_tokens):
         token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return prefill, time.perf_counter() - start
+    return prefill, (time.perf_counter() - start) / decode_tokens
 
 
 def bench_e2e(args: argparse.Namespace) -> list[dict]:
@@ -275,22 +278,24 @@ def bench_e2e(args: argparse.Namespace) -> list[dict]:
                 agreement[name] = max(errors)
             for round_ in range(args.e2e_reps + 1):  # round 0: warm-up (prepares the cached weights)
                 for name, (model, paths) in models.items():
+                    steps = max(4, args.decode_tokens // 4) if paths else args.decode_tokens  # ref paths: slow
                     with kernels.force_cpu_paths(**paths):
-                        result = prefill_and_decode(model, ids, args.decode_tokens)
+                        result = prefill_and_decode(model, ids, steps)
                     if round_:
                         times[name].append(result)
         fp32 = [statistics.median(t[i] for t in times["fp32"]) for i in range(2)]
         for name, ts in times.items():
             prefill = statistics.median(t[0] for t in ts)
             decode = statistics.median(t[1] for t in ts)
-            rows.append({"model": name, "prefill_tokens": args.prefill_tokens, "prefill_s": prefill,
+            rows.append({"capability": args.capability, "model": name, "prefill_tokens": args.prefill_tokens,
+                         "prefill_s": prefill,
                          "prefill_tok_s": args.prefill_tokens / prefill, "prefill_ratio_vs_fp32": prefill / fp32[0],
-                         "decode_tokens": args.decode_tokens, "decode_tok_s": args.decode_tokens / decode,
+                         "decode_s_per_token": decode, "decode_tok_s": 1 / decode,
                          "decode_ratio_vs_fp32": decode / fp32[1],
                          "logits_rel_err_vs_ref": agreement.get(name, "")})  # fmt: skip
             check = f", logits vs ref paths {agreement[name]:.1e}" if name in agreement else ""
             print(f"e2e {name}: prefill {args.prefill_tokens / prefill:.0f} tok/s ({prefill / fp32[0]:.2f}x fp32 "
-                  f"time), decode {args.decode_tokens / decode:.1f} tok/s ({decode / fp32[1]:.2f}x){check}", flush=True)
+                  f"time), decode {1 / decode:.1f} tok/s ({decode / fp32[1]:.2f}x){check}", flush=True)
         del models
     return rows
 
@@ -368,6 +373,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     dispatch = kernels.cpu_dispatch()
+    args.capability = dispatch.capability + (" no-oneDNN" if args.no_onednn else "")
     env = {name: os.environ[name] for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
            if name in os.environ}  # fmt: skip
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability {dispatch.capability}, "
