@@ -36,6 +36,7 @@ import copy
 import csv
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -129,14 +130,19 @@ Variant = tuple[str, dict, Callable[[], object]]  # (x dtype, forced CPU paths, 
 
 
 def interleaved(variants: dict[str, Variant], reps: int, budget: float, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each variant's fn over rounds, each round calling every fn once in turn: at least reps
-    rounds, more (up to 500) while a round costs under budget / reps seconds, as measured in the warm-up. The
-    variant's forced paths (and, for "uncached" ones, a weight_cache of 0 bytes) are entered outside the timer."""
+    """Median seconds of each variant's fn over rounds, each round calling every fn once, in a shuffled order (what
+    ran just before a call changes its time: caches, oneDNN's state): at least reps rounds, more (up to 500) while a
+    round costs under budget / reps seconds, as measured in the warm-up. The variant's forced paths (and, for
+    "uncached" ones, a weight_cache of 0 bytes) are entered outside the timer."""
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(0)
     rounds = warmup + reps
     round_ = 0
     while round_ < rounds:
-        for name, (_, paths, fn) in variants.items():
+        rng.shuffle(order)
+        for name in order:
+            _, paths, fn = variants[name]
             forced = {op: path for op, path in paths.items() if op != "uncached"}
             with kernels.force_cpu_paths(**forced), kernels.weight_cache(0) if "uncached" in paths else nullcontext():
                 start = time.perf_counter()
@@ -276,8 +282,11 @@ def bench_e2e(args: argparse.Namespace) -> list[dict]:
                         ref = model(input_ids=ids[:, :tokens]).logits.double()
                     errors.append(((auto - ref).norm() / ref.norm()).item())
                 agreement[name] = max(errors)
+            order, rng = list(models), random.Random(0)
             for round_ in range(args.e2e_reps + 1):  # round 0: warm-up (prepares the cached weights)
-                for name, (model, paths) in models.items():
+                rng.shuffle(order)
+                for name in order:
+                    model, paths = models[name]
                     steps = max(4, args.decode_tokens // 4) if paths else args.decode_tokens  # ref paths: slow
                     with kernels.force_cpu_paths(**paths):
                         result = prefill_and_decode(model, ids, steps)
