@@ -381,8 +381,10 @@ def weight_cache(max_bytes: int = 2**30) -> Iterator[WeightCache]:
     (least recently used evicted first), released when the block ends; yields the cache (see WeightCache.stats).
 
     Wrap an evaluation in it: without it each CPU call prepares its weight again (a full dequantization for
-    W4A16). A weight changed in place is prepared again (the key holds its version). Size max_bytes to hold the
-    model's prepared weights: a layer-by-layer pass over more than fits evicts every entry before its next use.
+    W4A16). A weight changed in place is prepared again (the key holds its version); an entry goes when its weight
+    tensor is freed. Size max_bytes to hold the model's prepared weights (W4A16 / W8A16 dequant and W8A8
+    float_exact: 4 bytes per weight for float32 x; int4pack: about half a byte): a layer-by-layer pass over more than
+    fits evicts every entry before its next use (stats() shows it). Blocks nest: calls use the innermost cache.
     """
     cache = WeightCache(max_bytes)
     _caches.append(cache)
