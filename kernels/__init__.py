@@ -1,24 +1,43 @@
 """Quantized matmul kernels: W4A16 (packed int4, per-group scales and zeros), W8A8 / W8A16 (int8 weights) and FP8
 W8A8 (e4m3 weights and per-token activations; cuBLAS through torch._scaled_mm).
 
-Each op runs a Triton kernel when x is a CUDA tensor and its pure-torch reference (the *_ref function) otherwise.
-On CPU the Triton kernels can run under the Triton interpreter: set TRITON_INTERPRET=1 before importing kernels.
+Each op runs a Triton kernel when x is a CUDA tensor. On CPU it takes the path kernels/cpu.py chose for the machine
+(decided once per process, counted; cpu_dispatch() says which and why), inside `with weight_cache(max_bytes):`
+keeping each prepared weight instead of preparing it on every call; other devices run the pure-torch references
+(the *_ref functions). On CPU the Triton kernels can run under the Triton interpreter: set TRITON_INTERPRET=1 before
+importing kernels.
 """
 
+from .cpu import (
+    CpuDispatch,
+    WeightCache,
+    cpu_dispatch,
+    force_cpu_paths,
+    reset_cpu_counters,
+    reset_cpu_dispatch,
+    weight_cache,
+)
 from .fp8 import fp8_linear, fp8_linear_ref, quantize_fp8_per_token
 from .int4 import int4_linear, int4_linear_ref, pack_int4, unpack_int4
 from .int8 import int8_linear, int8_linear_ref, quantize_per_token, quantize_per_token_ref
 
 __all__ = [
+    "CpuDispatch",
+    "WeightCache",
+    "cpu_dispatch",
+    "force_cpu_paths",
     "fp8_linear",
     "fp8_linear_ref",
-    "quantize_fp8_per_token",
     "int4_linear",
     "int4_linear_ref",
     "int8_linear",
     "int8_linear_ref",
     "pack_int4",
+    "quantize_fp8_per_token",
     "quantize_per_token",
     "quantize_per_token_ref",
+    "reset_cpu_counters",
+    "reset_cpu_dispatch",
     "unpack_int4",
+    "weight_cache",
 ]

@@ -6,9 +6,12 @@ Weight layout (what the quantized linear module stores):
     scales   float (N, G) and zeros uint8 (N, G) in 0..15, G = ceil(K / group_size); the last group may be shorter.
     w[n, k] = (q[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
 
-int4_linear runs the Triton kernel on CUDA tensors and the torch reference int4_linear_ref elsewhere.
+int4_linear runs the Triton kernel on CUDA tensors; on CPU the path kernels/cpu.py chose for this machine (the
+reference's dequantized weight, prepared once inside kernels.weight_cache, or torch's bfloat16 int4 kernel); on other
+devices the torch reference int4_linear_ref.
 """
 
+import sys
 from typing import Optional
 
 import torch
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cpu as _cpu
 from ._common import autotune_configs, check_triton_inputs, device_context, m_bucket, tile_ids
 
 _NIBBLE_SHIFTS = tuple(range(0, 32, 4))
@@ -47,6 +51,10 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return nibbles.flatten(1)[:, :k].to(torch.uint8)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv costs microseconds per call, which the CPU decode path feels
+
+
 def _check_int4_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int]:
     """Check the arguments of int4_linear (any device, any float x); return (N, K)."""
     if not x.is_floating_point():
@@ -55,14 +63,14 @@ def _check_int4_args(x, qweight, scales, zeros, group_size, bias) -> tuple[int, 
     if qweight.dim() != 2 or qweight.dtype != torch.int32:
         raise ValueError(f"int4_linear: qweight must be 2-D int32 (pack_int4), got {qweight.dim()}-D {qweight.dtype}")
     n = qweight.shape[0]
-    if qweight.shape[1] != triton.cdiv(k, 8):
+    if qweight.shape[1] != _cdiv(k, 8):
         raise ValueError(
-            f"int4_linear: x has K={k}, which needs qweight of shape ({n}, {triton.cdiv(k, 8)}), "
+            f"int4_linear: x has K={k}, which needs qweight of shape ({n}, {_cdiv(k, 8)}), "
             f"got {tuple(qweight.shape)}"
         )
     if group_size <= 0:
         raise ValueError(f"int4_linear: group_size must be positive, got {group_size}")
-    groups = (n, triton.cdiv(k, group_size))
+    groups = (n, _cdiv(k, group_size))
     if tuple(scales.shape) != groups or not scales.is_floating_point():
         raise ValueError(
             f"int4_linear: scales must be float of shape {groups}, got {scales.dtype} {tuple(scales.shape)}"
@@ -90,6 +98,102 @@ def int4_linear_ref(
     w = (q - zeros.to(dtype)[:, group]) * scales.to(dtype)[:, group]
     out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU paths (see kernels/cpu.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (N, 8 * words) of pack_int4 words (N, words), padding columns included: on a little-endian
+    machine byte j of a row holds columns 2j (low nibble) and 2j + 1, so two byte ops split them."""
+    n, words = qweight.shape
+    if sys.byteorder != "little":
+        return unpack_int4(qweight, 8 * words)
+    b = qweight.contiguous().view(torch.uint8)
+    return torch.stack((b & 15, b >> 4), -1).view(n, 8 * words)
+
+
+def _dequantize_cpu(qweight, scales, zeros, group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight (N, k) in dtype, bit for bit int4_linear_ref's: the same (q - zero) * scale in dtype,
+    each group broadcast over its columns instead of gathered per column."""
+    n = qweight.shape[0]
+    q = _unpack_codes(qweight)
+    full = k // group_size
+    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    zeros, scales = zeros.to(dtype), scales.to(dtype)
+    if full:
+        kf = full * group_size
+        body = w[:, :kf].view(n, full, group_size)
+        torch.sub(q[:, :kf].view(n, full, group_size), zeros[:, :full, None], out=body)
+        body.mul_(scales[:, :full, None])
+    if k % group_size:  # the ragged last group
+        tail = w[:, full * group_size :]
+        torch.sub(q[:, full * group_size : k], zeros[:, full:], out=tail)
+        tail.mul_(scales[:, full:])
+    return w
+
+
+def _int4pack_group(n: int, k: int, group_size: int) -> Optional[int]:
+    """The group size torch's int4 CPU kernel runs this weight with: the largest of 256/128/64/32 dividing both
+    group_size (each torch group lies in one of ours) and K; None when none does or N % 16 != 0."""
+    if n % 16:
+        return None
+    return next((g for g in (256, 128, 64, 32) if group_size % g == 0 and k % g == 0), None)
+
+
+def _int4pack_weight(qweight, scales, zeros, group_size: int, k: int, torch_group: int):
+    """(torch's packing of the codes, scales_and_zeros (K / torch_group, N, 2) bfloat16) for
+    _weight_int4pack_mm_for_cpu, which computes w = (q - 8) * scale + zero: zero = (8 - zeros) * scale."""
+    codes = _unpack_codes(qweight)[:, :k].to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    group = torch.arange(0, k, torch_group, device=qweight.device) // group_size
+    s, z = scales[:, group].float(), zeros[:, group].float()
+    scales_zeros = torch.stack((s, (8 - z) * s), -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, scales_zeros
+
+
+def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tensor:
+    """int4_linear on the CPU path kernels/cpu.py planned for this row count; counted there."""
+    n, k = _check_int4_args(x, qweight, scales, zeros, group_size, bias)
+    if torch.compiler.is_compiling():
+        return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
+    op = "w4a16"
+    m = x.numel() // k if k else 0
+    planned = path = _cpu.plan(op, m)
+    why = ""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scales, bias)):
+        if path != "ref":
+            path, why = "ref", "autograd needs the reference"
+    if path == "ref":
+        _cpu.record(op, path, planned, why)
+        return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
+    tensors = (qweight, scales, zeros)
+    if path == "int4pack":
+        if x.dtype != torch.bfloat16:
+            path = planned = "dequant"  # int4pack is for bfloat16 x; other dtypes take dequant by design
+        else:
+            torch_group = _int4pack_group(n, k, group_size)
+            if torch_group is None or not m:
+                path = "dequant"
+                why = "int4pack needs N % 16 == 0, a group size of 32/64/128/256 dividing group_size and K, and rows"
+    _cpu.record(op, path, planned, why)
+    if path == "int4pack":
+        packed, scales_zeros = _cpu.prepared(
+            op, path, tensors, lambda: _int4pack_weight(qweight, scales, zeros, group_size, k, torch_group),
+            f"g{group_size}",
+        )  # fmt: skip
+        x2 = x.reshape(-1, k).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, torch_group, scales_zeros)
+        if bias is not None:
+            out.add_(bias)
+        return out.view(*x.shape[:-1], n)
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # promote_types(x, float32)
+    w = _cpu.prepared(op, path, tensors, lambda: _dequantize_cpu(qweight, scales, zeros, group_size, k, dtype),
+                      f"g{group_size}/{dtype}")  # fmt: skip
+    out = F.linear(x if x.dtype == dtype else x.to(dtype), w, None if bias is None else bias.to(dtype))
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 _GEMM_CONFIGS = [
@@ -261,9 +365,13 @@ def int4_linear(
     """W4A16 linear: x (..., K) float16/bfloat16/float32 -> (..., N) in x's dtype; layout in the module docstring.
 
     CUDA x runs the Triton kernel, through the custom op calq::int4_linear under torch.compile (in eager mode the
-    op's dispatch, some microseconds, is skipped); other devices run int4_linear_ref. float32 x uses TF32.
+    op's dispatch, some microseconds, is skipped); float32 x uses TF32. CPU x takes the path of kernels/cpu.py (see
+    cpu_dispatch(); wrap repeated calls in kernels.weight_cache so the weight is not prepared on every call); other
+    devices run int4_linear_ref.
     """
     if x.is_cuda:
         linear = _int4_linear_op if torch.compiler.is_compiling() else _int4_linear_triton
         return linear(x, qweight, scales, zeros, group_size, bias)
+    if x.device.type == "cpu":
+        return _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias)
     return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)

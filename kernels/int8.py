@@ -9,9 +9,12 @@ with q = clamp(round(x / scale), -127, 127), rounding half to even, and NaN quot
 or inf gets a non-finite dynamic scale, which makes its output row non-finite). The int8 x int8 products are
 summed in int32, then scaled by the token and channel scales in float32.
 
-int8_linear and quantize_per_token run Triton kernels on CUDA tensors and the torch references elsewhere.
+int8_linear and quantize_per_token run Triton kernels on CUDA tensors. On CPU int8_linear takes the path that
+kernels/cpu.py chose for this machine (torch._int_mm or exact float32 matmuls for W8A8, bit for bit the reference;
+the reference or torch's bfloat16 int8 kernel for W8A16); quantize_per_token and other devices run the references.
 """
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cpu as _cpu
 from ._common import autotune_configs, check_triton_inputs, device_context, m_bucket, tile_ids
 
 _ACTS = ("dynamic", "static", "none")
@@ -92,11 +96,112 @@ def int8_linear_ref(
 
 
 def _int_matmul(q: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
-    """Exact int32 (..., K) x (N, K)^T. On CPU torch._int_mm is exact and ~4x faster than fp32 (the CPU
-    runtime path of the quantized model); elsewhere float64 is exact for |sums| < 2**53 and takes any shape."""
-    if q.device.type == "cpu":
+    """Exact int32 (..., K) x (N, K)^T. On CPU torch._int_mm is exact, except for K = 1, where torch 2.13's oneDNN
+    path returns uninitialized memory; elsewhere (and for K = 1) float64 is exact for |sums| < 2**53 and takes any
+    shape."""
+    if q.device.type == "cpu" and q.shape[-1] > 1:
         return torch._int_mm(q.reshape(-1, q.shape[-1]), qweight.T).reshape(*q.shape[:-1], -1)
     return (q.double() @ qweight.double().T).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU paths (see kernels/cpu.py)
+# ----------------------------------------------------------------------------------------------
+
+_MIN_NORMAL = torch.finfo(torch.float32).tiny
+_EXACT_CHUNK_K = 1024
+"""float32 sums of int8 x int8 products over at most this many terms are exact: 127 * 128 * 1024 < 2**24."""
+
+
+def _quantize_float(x2: torch.Tensor, act_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's quantization of x2 (M, K), codes kept as float32: (q float32 (M, K), scale float32).
+
+    The same float32 operations as quantize_per_token_ref / _quantize_ref (in place), so q holds the reference's
+    codes exactly. scale: (M, 1) per token when act_scale is None, else act_scale as float32.
+    """
+    xf = x2.float()
+    if act_scale is None:
+        scale = xf.abs().amax(-1, keepdim=True).div_(127)
+        scale.masked_fill_(scale == 0, 1.0)
+    else:
+        scale = act_scale.float()
+    q = torch.div(xf, scale)
+    q.round_()
+    # Where every per-token scale is finite and normal, |x / scale| <= 127 * (1 + 2**-23) rounds to at most 127 and
+    # no row holds NaN or inf: clamp and nan_to_num would change nothing (worth checking from 64 rows on).
+    if act_scale is not None or q.shape[0] < 64 or not bool(((scale >= _MIN_NORMAL) & (scale < math.inf)).all()):
+        q.clamp_(-127, 127).nan_to_num_(0.0)
+    return q, scale
+
+
+def _scale_sums(sums, scale, w_scale, bias, dtype) -> torch.Tensor:
+    """The reference's epilogue on exact integer sums (int32, float32 or float64): sums * scale * w_scale (+ bias),
+    in float64 and in the reference's order, then cast to dtype. Bit for bit int8_linear_ref. Float64 sums are
+    scaled in place (the caller's temporary)."""
+    out = sums.double()  # not torch.mul(sums, scale.double()): a 0-d static scale would not promote to float64
+    out.mul_(scale).mul_(w_scale)  # in place on float64: the float operands are converted to float64 exactly
+    if bias is not None:
+        out.add_(bias)
+    return out.to(dtype)
+
+
+def _float_exact_matmul(q: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+    """Exact q (M, K) @ wf (N, K).T of integer-valued float32 codes |q| <= 127, |wf| <= 128.
+
+    One float32 matmul is exact when every partial sum is an integer below 2**24 in magnitude, in whatever order
+    the BLAS adds: so when K <= 1024, or when each row's sum of |q| times 128 stays below 2**24 (real activations,
+    whose per-token scale is set by a few large values, mostly do). Otherwise float32 matmuls over K chunks of at
+    most 1024 (each exact), summed in float64 (exact)."""
+    k = q.shape[1]
+    chunks = -(-k // _EXACT_CHUNK_K)
+    if chunks <= 1 or float(q.abs().sum(-1).max()) * 128 < 2**24:
+        return torch.mm(q, wf.T)
+    step = -(-k // chunks)
+    sums = torch.mm(q[:, :step], wf[:, :step].T).double()
+    for start in range(step, k, step):
+        sums.add_(torch.mm(q[:, start : start + step], wf[:, start : start + step].T))
+    return sums
+
+
+def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
+    """int8_linear on the CPU path kernels/cpu.py planned for this op and row count; counted there."""
+    n, k = _check_int8_args(x, qweight, w_scale, bias, act, act_scale)
+    if torch.compiler.is_compiling():
+        return int8_linear_ref(x, qweight, w_scale, bias, act, act_scale)
+    op = "w8a16" if act == "none" else "w8a8"
+    m = x.numel() // k if k else 0
+    planned = path = _cpu.plan(op, m)
+    why = ""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_scale, bias, act_scale))
+    if grad and path != "ref":
+        path, why = "ref", "autograd needs the reference"
+    if path == "ref":
+        _cpu.record(op, path, planned, why)
+        return int8_linear_ref(x, qweight, w_scale, bias, act, act_scale)
+    x2 = x.reshape(-1, k)
+    if op == "w8a16":
+        if path == "int8pack" and x.dtype != torch.bfloat16:
+            path = planned = "dequant"  # int8pack is for bfloat16 x; other dtypes take dequant by design
+        if path == "int8pack" and (k % 16 or not m or not n):
+            path, why = "dequant", "int8pack needs K % 16 == 0 and a non-empty output"
+        _cpu.record(op, path, planned, why)
+        if path == "int8pack":
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), qweight.contiguous(), w_scale.bfloat16())
+            if bias is not None:
+                out.add_(bias)
+            return out.view(*x.shape[:-1], n)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        w = _cpu.prepared(op, path, (qweight, w_scale), lambda: qweight.to(dtype) * w_scale.to(dtype)[:, None],
+                          str(dtype))  # fmt: skip
+        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
+    _cpu.record(op, path, planned, why)
+    q, scale = _quantize_float(x2, act_scale if act == "static" else None)
+    if path == "int_mm":
+        q = q.to(torch.int8)
+        sums = torch._int_mm(q, qweight.T) if k > 1 else _int_matmul(q, qweight)  # as the reference
+    else:
+        sums = _float_exact_matmul(q, _cpu.prepared(op, path, (qweight,), qweight.float))
+    return _scale_sums(sums, scale, w_scale, bias, x.dtype).view(*x.shape[:-1], n)
 
 
 @triton.jit
@@ -309,10 +414,13 @@ def int8_linear(
     """W8A8 (act "dynamic" or "static") or W8A16 (act "none") linear: x (..., K) -> (..., N) in x's dtype.
 
     See the module docstring for the quantization. CUDA x runs the Triton kernels, through the custom op
-    calq::int8_linear under torch.compile (in eager mode the op's dispatch is skipped); other devices run
-    int8_linear_ref. float32 x in W8A16 uses TF32 tensor cores.
+    calq::int8_linear under torch.compile (in eager mode the op's dispatch is skipped); float32 x in W8A16 uses TF32
+    tensor cores. CPU x takes the path of kernels/cpu.py (W8A8 bit for bit int8_linear_ref; see cpu_dispatch());
+    other devices run int8_linear_ref.
     """
     if x.is_cuda:
         linear = _int8_linear_op if torch.compiler.is_compiling() else _int8_linear_triton
         return linear(x, qweight, w_scale, bias, act, act_scale)
+    if x.device.type == "cpu":
+        return _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale)
     return int8_linear_ref(x, qweight, w_scale, bias, act, act_scale)

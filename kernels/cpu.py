@@ -1,0 +1,407 @@
+"""CPU paths of int8_linear and int4_linear: which path each op takes on this machine, counted, and a bounded cache
+of prepared weights.
+
+Ops and their CPU paths ("ref" is the op's *_ref function itself, taken only when forced or for autograd):
+
+    w8a8   int8_linear, act "dynamic" / "static"
+        int_mm       torch._int_mm: the exact int32 matmul of the reference (fast where oneDNN has int8 kernels;
+                     a naive loop, 15-30x slower than float32, where torch does not use oneDNN for it)
+        float_exact  the int8 codes as float32 through float32 matmuls over K chunks of at most 1024: every partial
+                     sum is an integer below 127 * 128 * 1024 < 2**24, so exact; chunks are summed in float64.
+                     Bit for bit the reference. Prepared weight: qweight as float32.
+    w8a16  int8_linear, act "none"
+        dequant      the reference's float weight qweight * w_scale and F.linear: bit for bit the reference.
+                     Prepared weight: that float weight.
+        int8pack     torch's _weight_int8pack_mm: bfloat16 x only (its float32 and float16 kernels are scalar
+                     loops), K a multiple of 16 (other K crash or give wrong sums in torch 2.13); w_scale rounded to
+                     bfloat16. Within the bfloat16 tolerance of the kernel tests, not bit for bit.
+    w4a16  int4_linear
+        dequant      the reference's float weight (q - zero) * scale and F.linear: bit for bit the reference.
+                     Prepared weight: that float weight (unpacked with byte ops, several times faster than
+                     unpack_int4 and bit for bit the same).
+        int4pack     torch's _weight_int4pack_mm_for_cpu: bfloat16 x only (its float32 / float16 kernels are scalar
+                     loops, 50-100x slower), N a multiple of 16, and a torch group size g in 256/128/64/32 dividing
+                     both group_size and K (a group_size of 128 with a ragged last group, K = 576, runs as g = 64
+                     with each scale repeated). torch computes w = (q - 8) * scale + zero: zero = (8 - zeros) * scale,
+                     both in bfloat16. Prepared weight: torch's packing and the scales and zeros.
+
+Decision, once per process and op (on the op's first CPU call, or at cpu_dispatch()): for decode (at most
+DECODE_MAX_M rows) and prefill, time the candidate matmuls on a small synthetic weight (interleaved, fastest of 9; some
+tens of milliseconds) and keep the faster; a tie keeps the first listed (int_mm, dequant). The environment variables
+CALQ_CPU_W8A8, CALQ_CPU_W8A16 and CALQ_CPU_W4A16 (a path name) force an op's path for the process;
+force_cpu_paths() forces it inside a with block (tests, benchmarks). int8pack and int4pack serve bfloat16 x only:
+other dtypes take dequant by design. Where the planned path cannot run a call (a shape torch's kernel does not take,
+or autograd, which only the reference supports), the call runs dequant (or ref) and is counted as a fallback.
+
+Prepared weights are kept only inside `with weight_cache(max_bytes):` (an LRU bounded by max_bytes, keyed by the
+weight tensors, their versions and storage, emptied when the block ends); outside one, each call prepares its weight
+again and is counted in `uncached`. Nothing is silent: cpu_dispatch() returns the paths, why, and the counters.
+The state (decisions, counters, forced paths, active caches) is per process, shared by its threads.
+
+For a report:   info = kernels.cpu_dispatch(); print(info.summary())   (or read info.paths / calls / fallbacks)
+For evaluation: with kernels.weight_cache(max_bytes=...): ...           (prepared weights kept, then released)
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+DECODE_MAX_M = 16
+"""Calls with at most this many rows (tokens) take the decode path of their op; more take the prefill path."""
+
+PATHS: dict[str, tuple[str, ...]] = {
+    "w8a8": ("int_mm", "float_exact", "ref"),
+    "w8a16": ("dequant", "int8pack", "ref"),
+    "w4a16": ("dequant", "int4pack", "ref"),
+}
+"""The CPU paths of each op, the first the default where timing ties."""
+
+ENV_VARS = {op: f"CALQ_CPU_{op.upper()}" for op in PATHS}
+_REGIMES = ("decode", "prefill")
+_BF16_ONLY = {"int8pack", "int4pack"}
+
+
+@dataclass(frozen=True)
+class CpuDispatch:
+    """What the CPU paths of the kernels do in this process (a snapshot; see the module docstring).
+
+    capability: torch.backends.cpu.get_cpu_capability(), the vector ISA ATen's own kernels use (ATEN_CPU_CAPABILITY
+    lowers it). features: what the hardware has (cpuinfo), which oneDNN and MKL use whatever the capability.
+    paths[op][regime]: the path op takes for decode (<= DECODE_MAX_M rows) and prefill calls; int8pack and int4pack
+    apply to bfloat16 x only, other dtypes take dequant (not counted as a fallback).
+    reasons[op]: why (the timings, or what forced it). calls["op/path"]: calls that ran path.
+    fallbacks["op/path -> other: why"]: calls whose planned path could not run. uncached["op/path"]: calls that
+    prepared their weight because no weight_cache was active (or it could not hold the weight).
+    cache: the innermost active weight_cache's stats, None outside one.
+    """
+
+    capability: str
+    features: dict[str, bool]
+    paths: dict[str, dict[str, str]]
+    reasons: dict[str, str]
+    calls: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    uncached: dict[str, int] = field(default_factory=dict)
+    cache: Optional[dict[str, int]] = None
+
+    def summary(self) -> str:
+        """A few lines for a report."""
+        features = ", ".join(name for name, on in self.features.items() if on) or "none"
+        lines = [f"CPU kernels: capability {self.capability} ({features})"]
+        for op, regimes in self.paths.items():
+            lines.append(f"  {op}: decode {regimes['decode']}, prefill {regimes['prefill']} ({self.reasons[op]})")
+        for title, counts in (("calls", self.calls), ("fallbacks", self.fallbacks), ("uncached", self.uncached)):
+            if counts:
+                lines.append(f"  {title}: " + ", ".join(f"{key} {n}" for key, n in sorted(counts.items())))
+        if self.cache is not None:
+            lines.append("  weight cache: " + ", ".join(f"{key} {n}" for key, n in self.cache.items()))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decision
+# ----------------------------------------------------------------------------------------------
+
+_lock = threading.RLock()
+_decided: dict[str, tuple[dict[str, str], str]] = {}
+_forced: list[dict[str, str]] = []
+_calls: collections.Counter = collections.Counter()
+_fallbacks: collections.Counter = collections.Counter()
+_uncached: collections.Counter = collections.Counter()
+
+
+def _features() -> dict[str, bool]:
+    names = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
+             "avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}  # fmt: skip
+    return {name: bool(getattr(torch.cpu, fn, lambda: False)()) for name, fn in names.items()}
+
+
+def _check_path(op: str, path: str, source: str) -> str:
+    if path not in PATHS[op]:
+        raise ValueError(f"{source}: {op} has CPU paths {', '.join(PATHS[op])}, got {path!r}")
+    return path
+
+
+def _best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Fastest seconds of each fn over up to reps interleaved rounds, after two warm-up calls each (oneDNN builds
+    its kernels on the first). The minimum, not the median: other load on the machine only adds time (a thread
+    descheduled mid-matmul costs a whole time slice), and the decision is about the paths. Stops after 3 rounds
+    when one fn is over 8x slower than another."""
+    for fn in fns.values():
+        fn()
+        fn()
+    best = {name: float("inf") for name in fns}
+    for round_ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+        if round_ >= 2 and max(best.values()) > 8 * min(best.values()):
+            break
+    return best
+
+
+def _candidates(op: str, m: int) -> dict[str, Callable[[], object]]:
+    """The timed matmul of each non-reference path of op for m rows, on a synthetic 512 x 512 weight."""
+    n = k = 512
+    gen = torch.Generator().manual_seed(0)
+    if op == "w8a8":
+        q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        qf, wf = q.float(), w.float()
+        return {"int_mm": lambda: torch._int_mm(q, w.T), "float_exact": lambda: torch.mm(qf, wf.T)}
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    wf = torch.randn(n, k, generator=gen)
+    dequant = lambda: F.linear(x.float(), wf).to(torch.bfloat16)  # noqa: E731
+    if op == "w8a16":
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        scales = torch.rand(n, generator=gen).bfloat16()
+        return {"dequant": dequant, "int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x, w8, scales)}
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 2
+    )
+    scales_zeros = torch.rand(k // 64, n, 2, generator=gen).bfloat16()
+    int4pack = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, scales_zeros)  # noqa: E731
+    return {"dequant": dequant, "int4pack": int4pack}
+
+
+def _measure(op: str) -> tuple[dict[str, str], str]:
+    """Time op's candidate paths for decode (1 row) and prefill (128 rows); keep the faster per regime."""
+    paths, notes = {}, []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on one thread: a parallel region waiting on a descheduled thread would decide it
+    try:
+        measured = _measure_regimes(op)
+    finally:
+        torch.set_num_threads(threads)
+    for regime, (m, times) in measured.items():
+        first = next(iter(times))
+        paths[regime] = min(times, key=lambda name: (times[name], name != first))
+        timing = " vs ".join(f"{name} {t * 1e3:.3f} ms" for name, t in times.items())
+        notes.append(f"{regime} M={m}: {timing}")
+    bf16 = "; for bfloat16 x" if op != "w8a8" else ""
+    return paths, f"measured on one thread, a 512x512 weight{bf16}: " + "; ".join(notes)
+
+
+def _measure_regimes(op: str) -> dict[str, tuple[int, dict[str, float]]]:
+    out = {}
+    with torch.no_grad():
+        for regime, m in (("decode", 1), ("prefill", 128)):
+            out[regime] = (m, _best_times(_candidates(op, m), 9))
+    return out
+
+
+def _decide(op: str) -> tuple[dict[str, str], str]:
+    with _lock:
+        if op not in _decided:
+            env = os.environ.get(ENV_VARS[op], "").strip()
+            if env:
+                path = _check_path(op, env, ENV_VARS[op])
+                _decided[op] = ({regime: path for regime in _REGIMES}, f"forced by {ENV_VARS[op]}={env}")
+            else:
+                _decided[op] = _measure(op)
+        return _decided[op]
+
+
+def plan(op: str, m: int) -> str:
+    """The path op takes for a call of m rows (forced, else decided once per process)."""
+    for forced in reversed(_forced):
+        if op in forced:
+            return forced[op]
+    decided = _decided.get(op) or _decide(op)
+    return decided[0]["decode" if m <= DECODE_MAX_M else "prefill"]
+
+
+def record(op: str, path: str, planned: Optional[str] = None, why: str = "") -> None:
+    """Count a call of op that ran path; planned (with why) when that was another path, which could not run it."""
+    _calls[op, path] += 1
+    if planned is not None and planned != path:
+        _fallbacks[op, planned, path, why] += 1
+
+
+def cpu_dispatch(decide: bool = True) -> CpuDispatch:
+    """The CPU paths of this process and the counters since the last reset_cpu_counters().
+
+    decide: decide the ops not used yet (timing them, some tens of milliseconds each); else they show "undecided".
+    """
+    paths, reasons = {}, {}
+    for op in PATHS:
+        if decide or op in _decided:
+            regimes, reason = _decide(op)
+        else:
+            regimes, reason = {regime: "undecided" for regime in _REGIMES}, "not used yet"
+        for forced in _forced:
+            if op in forced:
+                regimes, reason = {regime: forced[op] for regime in _REGIMES}, "forced by force_cpu_paths"
+        paths[op], reasons[op] = dict(regimes), reason
+    cache = _caches[-1].stats() if _caches else None
+    calls = {f"{op}/{path}": n for (op, path), n in _calls.items()}
+    fallbacks = {f"{op}/{planned} -> {path}: {why}": n for (op, planned, path, why), n in _fallbacks.items()}
+    uncached = {f"{op}/{path}": n for (op, path), n in _uncached.items()}
+    return CpuDispatch(torch.backends.cpu.get_cpu_capability(), _features(), paths, reasons, calls, fallbacks,
+                       uncached, cache)  # fmt: skip
+
+
+def reset_cpu_counters() -> None:
+    """Zero the calls, fallbacks and uncached counters."""
+    _calls.clear()
+    _fallbacks.clear()
+    _uncached.clear()
+
+
+def reset_cpu_dispatch() -> None:
+    """Forget the decisions (the next call decides again, re-reading the environment) and zero the counters."""
+    with _lock:
+        _decided.clear()
+    reset_cpu_counters()
+
+
+@contextlib.contextmanager
+def force_cpu_paths(**paths: str) -> Iterator[None]:
+    """Inside the block, op (w8a8, w8a16, w4a16) takes the given path, e.g. force_cpu_paths(w8a8="float_exact")."""
+    for op, path in paths.items():
+        if op not in PATHS:
+            raise ValueError(f"force_cpu_paths: ops are {', '.join(PATHS)}, got {op!r}")
+        _check_path(op, path, "force_cpu_paths")
+    entry = dict(paths)
+    _forced.append(entry)
+    try:
+        yield
+    finally:
+        for i in range(len(_forced) - 1, -1, -1):
+            if _forced[i] is entry:
+                del _forced[i]
+                break
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.untyped_storage().nbytes()
+    if isinstance(value, (tuple, list)):
+        return sum(_value_bytes(v) for v in value)
+    return 0
+
+
+def _signature(tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
+    """(version, data_ptr, shape) of the tensors; None when one does not track versions (inference tensors)."""
+    try:
+        return tuple([(t._version, t.data_ptr(), t.shape) for t in tensors])
+    except RuntimeError:
+        return None
+
+
+class WeightCache:
+    """Prepared weights (see weight_cache), least recently used first out beyond max_bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"weight_cache: max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._counts = collections.Counter(hits=0, misses=0, evictions=0, stale=0, too_large=0)
+
+    def stats(self) -> dict[str, int]:
+        """entries, bytes, max_bytes, hits, misses, evictions, stale (a weight changed since), too_large."""
+        return {"entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes, **self._counts}
+
+    def get(self, kind: str, tensors: tuple[torch.Tensor, ...], make: Callable[[], object]) -> tuple[object, bool]:
+        """(the prepared value of kind for tensors, whether the cache holds it): made on a miss, and kept if it fits
+        and the tensors track versions (inference tensors do not)."""
+        signature = _signature(tensors)
+        if signature is None:
+            return make(), False
+        key = (kind, *map(id, tensors))
+        with _lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                refs, entry_signature, value, _ = entry
+                if entry_signature == signature and all(r() is t for r, t in zip(refs, tensors)):
+                    self._entries.move_to_end(key)
+                    self._counts["hits"] += 1
+                    return value, True
+                self._counts["stale"] += 1
+                self._drop(key)
+        value = make()
+        nbytes = _value_bytes(value)
+        with _lock:
+            self._counts["misses"] += 1
+            if nbytes > self.max_bytes:
+                self._counts["too_large"] += 1
+                return value, False
+            while self._entries and self.bytes + nbytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+                self._counts["evictions"] += 1
+            self_ref = weakref.ref(self)
+
+            def forget(_, key=key):  # a weight tensor died: its entry goes with it
+                cache = self_ref()
+                if cache is not None:
+                    with _lock:
+                        cache._drop(key)
+
+            refs = tuple(weakref.ref(t, forget) for t in tensors)
+            self._entries[key] = (refs, signature, value, nbytes)
+            self.bytes += nbytes
+        return value, True
+
+    def _drop(self, key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[3]
+
+    def clear(self) -> None:
+        """Release every entry."""
+        with _lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+_caches: list[WeightCache] = []
+
+
+@contextlib.contextmanager
+def weight_cache(max_bytes: int = 2**30) -> Iterator[WeightCache]:
+    """Keep the CPU paths' prepared weights (float copies, torch's int4 packing) inside the block, at most max_bytes
+    (least recently used evicted first), released when the block ends; yields the cache (see WeightCache.stats).
+
+    Wrap an evaluation in it: without it each CPU call prepares its weight again (a full dequantization for
+    W4A16). A weight changed in place is prepared again (the key holds its version); an entry goes when its weight
+    tensor is freed. Size max_bytes to hold the model's prepared weights (W4A16 / W8A16 dequant and W8A8
+    float_exact: 4 bytes per weight for float32 x; int4pack: about half a byte): a layer-by-layer pass over more than
+    fits evicts every entry before its next use (stats() shows it). Blocks nest: calls use the innermost cache.
+    """
+    cache = WeightCache(max_bytes)
+    _caches.append(cache)
+    try:
+        yield cache
+    finally:
+        _caches.remove(cache)
+        cache.clear()
+
+
+def prepared(op: str, path: str, tensors: tuple[torch.Tensor, ...], make: Callable[[], object], extra: str = "") -> object:
+    """The prepared weight of op's path for tensors (and extra, e.g. a dtype): from the active weight_cache, else
+    made now (counted in uncached)."""
+    if _caches:
+        value, kept = _caches[-1].get(f"{op}/{path}/{extra}", tensors, make)
+    else:
+        value, kept = make(), False
+    if not kept:
+        _uncached[op, path] += 1
+    return value
