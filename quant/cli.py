@@ -91,6 +91,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """A run directory's fp model and saved variants, or checkpoints against --reference; under torchrun the work
     is shared by the processes (quant.evaluate.distributed) with the same numbers."""
+    import calq_kernels as kernels
     import torch
     import torch.distributed as dist
 
@@ -123,7 +124,8 @@ def _eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(reference)
         models = {REFERENCE: model.to("cuda" if torch.cuda.is_available() else "cpu")}
         models.update({name: load(path, variant=variant)[0] for name, (path, variant) in checkpoints.items()})
-        evals = (evaluate_distributed if distributed else evaluate)(models, tokenizer, cfg, REFERENCE)
+        with kernels.weight_cache(max_bytes=int(cfg.weight_cache_gb * 2**30)):
+            evals = (evaluate_distributed if distributed else evaluate)(models, tokenizer, cfg, REFERENCE)
         if distributed and dist.get_rank() != 0:
             return 0
     finally:

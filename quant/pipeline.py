@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import calq_kernels as kernels
 import psutil
 import torch
 
@@ -28,7 +29,7 @@ from quant.evaluate.plots import confidence_histogram, reliability_diagram
 from quant.evaluate.report import write_report
 from quant.files import atomic_path, write_text_atomic
 from quant.formats import export, save_quantized
-from quant.methods import QuantizeResult, quantize_variant, quantize_variants
+from quant.methods import QuantizeResult, kernel_paths, quantize_variant, quantize_variants
 from quant.models import load_model, model_fingerprint
 from quant.recipe import Recipe
 
@@ -185,27 +186,30 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     fits: dict[str, TemperatureFit] = {}
     # re-calibrated variants: what is saved and gated (the raw variant is evaluated too)
     shipped: dict[str, Tempered] = {}
-    reference = None
-    if recipe.recalibrate is not None and recipe.recalibrate.method == "label_free":  # one fp pass for all variants
-        reference = timed("recalibrate_reference", reference_logits, model, selection.token_ids, recipe.recalibrate)
-    for name, variant in variants.items():
-        if recipe.recalibrate is None:
-            save_quantized(variant, tokenizer, run_dir / "models" / name)
-            continue
-        fixed = timed(f"recalibrate_{name}", recalibrate, variant.model, selection.token_ids, recipe.recalibrate,
-                      reference)
-        fits[name], shipped[name + SUFFIX] = fixed.fit, Tempered(name, fixed.fit.temperature)
-        save_quantized(replace(variant, model=fixed.model), tokenizer, run_dir / "models" / name,
-                       {"calq_temperature": repr(fixed.fit.temperature)})
-    del reference  # the fits are done: free its logits (400 MB on the default model) before evaluation
-    models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}, **shipped}
-    evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
     lens = None
-    if recipe.evaluation.logit_lens is not None:  # where in depth quantization moves confidence
-        lens_text = recipe.evaluation.text.model_copy(update=recipe.evaluation.logit_lens.model_dump())
-        windows = eval_windows(tokenizer, lens_text)
-        lens = timed("logit_lens", layer_calibration, models, windows, recipe.evaluation.ece_bins)
-        lens.plot(run_dir / "layerwise.png", f"layer-wise calibration ({recipe.name})")
+    # every forward pass of the quantized models from here on: their CPU kernels keep prepared weights, then free them
+    with kernels.weight_cache(max_bytes=int(recipe.evaluation.weight_cache_gb * 2**30)):
+        reference = None
+        if recipe.recalibrate is not None and recipe.recalibrate.method == "label_free":  # one fp pass for all variants
+            reference = timed("recalibrate_reference", reference_logits, model, selection.token_ids,
+                              recipe.recalibrate)
+        for name, variant in variants.items():
+            if recipe.recalibrate is None:
+                save_quantized(variant, tokenizer, run_dir / "models" / name)
+                continue
+            fixed = timed(f"recalibrate_{name}", recalibrate, variant.model, selection.token_ids,
+                          recipe.recalibrate, reference)
+            fits[name], shipped[name + SUFFIX] = fixed.fit, Tempered(name, fixed.fit.temperature)
+            save_quantized(replace(variant, model=fixed.model), tokenizer, run_dir / "models" / name,
+                           {"calq_temperature": repr(fixed.fit.temperature)})
+        del reference  # the fits are done: free its logits (400 MB on the default model) before evaluation
+        models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}, **shipped}
+        evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
+        if recipe.evaluation.logit_lens is not None:  # where in depth quantization moves confidence
+            lens_text = recipe.evaluation.text.model_copy(update=recipe.evaluation.logit_lens.model_dump())
+            windows = eval_windows(tokenizer, lens_text)
+            lens = timed("logit_lens", layer_calibration, models, windows, recipe.evaluation.ece_bins)
+            lens.plot(run_dir / "layerwise.png", f"layer-wise calibration ({recipe.name})")
     gates = check_gates(evals, list(recipe.gates), REFERENCE, list(shipped) or list(variants))
     gates.write(run_dir)
 
@@ -243,6 +247,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         "timings": timings,
         "peak_rss_mb": peak_mb,
         "torch_threads": torch.get_num_threads(),
+        "kernels": {"paths": {n: kernel_paths(v.model) for n, v in variants.items()},
+                    "cpu": kernels.cpu_dispatch().summary()},
     }
     for kind in ("token", "mmlu"):
         preds = {n: getattr(ev, f"{kind}_predictions") for n, ev in evals.items()}

@@ -68,6 +68,9 @@ class EvalConfig(StrictModel):
     selective_threshold: float = Field(0.75, gt=0, le=1)
     """Selective prediction: accuracy and coverage of the predictions at least this confident."""
     bootstrap: BootstrapConfig = BootstrapConfig()
+    weight_cache_gb: float = Field(8.0, ge=0)
+    """CPU: prepared weights (dequantized W4, W8A8 codes as float) kept while the models run, at most this much;
+    0 prepares each weight on every call (slow, no memory)."""
     logit_lens: LensConfig | None = None
     """Layer-wise calibration (quant/confidence/lens.py) on a few evaluation windows; null skips it."""
 

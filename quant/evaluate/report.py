@@ -115,6 +115,11 @@ def markdown(report: dict) -> str:
                   lens_markdown(report["logit_lens"])]
     for kind, tables in report.get("confidence_bands", {}).items():
         lines += ["", f"## Confidence bands ({kind})", bands_markdown(tables, "tokens" if kind == "token" else "items")]
+    kernels = report.get("kernels")
+    if kernels:
+        lines += ["", "## Kernels (which path each quantized linear ran)"]
+        lines += [f"- {n}: " + "; ".join(f"{k} x{c}" for k, c in paths.items()) for n, paths in kernels["paths"].items()]
+        lines += ["```", kernels["cpu"], "```"]
     reused = report.get("cache", {}).get("reused", {})
     if reused:
         said = {True: "reused (same model, tokenizer, data and recipe)", False: "computed"}

@@ -49,6 +49,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **like) if bias else None)
 
     @property
+    def op(self) -> str:
+        """The kernel this layer calls: w4a16, w8a8, w8a16 or fp8."""
+        if self.weights.type == "float":
+            return "fp8"
+        if self.weights.num_bits == 4:
+            return "w4a16"
+        return "w8a8" if self.activations is not None else "w8a16"
+
+    @property
     def act_mode(self) -> str | None:
         return self.activations.mode if self.activations is not None else None
 
@@ -92,6 +101,25 @@ class QuantLinear(nn.Module):
         kind = "FP" if self.weights.type == "float" else "W"
         return (f"{self.in_features}, {self.out_features}, {kind}{self.weights.num_bits} "
                 f"g{self.weights.group_size or 'channel'} {'sym' if self.weights.symmetric else 'asym'} {act}")
+
+
+def kernel_paths(model: nn.Module) -> dict[str, int]:
+    """How many quantized linears run which kernel path where they are: Triton (or cuBLAS for FP8) on CUDA, on CPU
+    the path the CPU dispatch chose for their op (kernels.cpu_dispatch)."""
+    counts: dict[str, int] = {}
+    cpu = None
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            if m.qweight.is_cuda:
+                key = f"{m.op}: {'cuBLAS (torch._scaled_mm)' if m.op == 'fp8' else 'Triton'} on {m.qweight.device}"
+            elif m.op == "fp8":
+                key = "fp8: CPU reference (exact emulation)"
+            else:
+                cpu = cpu or kernels.cpu_dispatch()
+                regimes = cpu.paths[m.op]
+                key = f"{m.op}: CPU {regimes['prefill']} (prefill), {regimes['decode']} (decode)"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:

@@ -100,3 +100,7 @@ def test_the_report_shows_skipped_work_and_a_temperature_at_its_bound(tiny_run):
     assert "- w4: 2 skipped (GQA), e.g. model.layers.0.self_attn.v_proj -> self_attn.o_proj" in text
     assert "(at the search bound)" in text
     assert "## Cached stages" in text and "calibration samples: computed" in text
+    # every quantized linear's kernel path is said: 14 W4A16 linears on the CPU path the dispatch chose
+    (path, count), = report["kernels"]["paths"]["w4"].items()
+    assert path.startswith("w4a16: CPU ") and count == 14 and "CPU kernels: capability" in report["kernels"]["cpu"]
+    assert "## Kernels" in text
