@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from quant.calibrate.walker import calibration_subset
-from quant.evaluate import REFERENCE, evaluate
+from quant.checks import REFERENCE, evaluate
 from quant.files import write_text_atomic
 from quant.methods import QuantSpec, quantize_variant
 from quant.methods.awq import AWQConfig

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quant.evaluate.evaluation import TextEvalConfig, eval_windows
+from quant.checks.evaluation import TextEvalConfig, eval_windows
 from quant.formats import load
 from quant.methods import QuantLinear
 

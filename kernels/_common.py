@@ -19,8 +19,36 @@ def interpreting() -> bool:
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """All configs on a GPU; only the first under the interpreter, where benchmarking each would take minutes."""
+    """All configs on a GPU; only the first under the interpreter, where benchmarking each would take minutes (the
+    tests force the others one by one, with forced_config)."""
     return configs[:1] if interpreting() else configs
+
+
+_FORCED: dict[str, triton.Config] = {}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: triton.Config):
+    """Launch `kernel` (a name of kernels.tuning_configs) with `config` instead of its autotuned choice while the block
+    runs: every config's correctness can be checked, on a GPU (benchmarks/gpu_check.py) and in the interpreter."""
+    previous = _FORCED.get(kernel)
+    _FORCED[kernel] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _FORCED[kernel]
+        else:
+            _FORCED[kernel] = previous
+
+
+def launch(name: str, autotuned, grid, *args, **kwargs) -> None:
+    """Launch an autotuned kernel, or its plain JIT function with the config forced_config set for `name`."""
+    config = _FORCED.get(name)
+    if config is None:
+        autotuned[grid](*args, **kwargs)
+    else:
+        autotuned.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def m_bucket(m: int) -> int:

@@ -11,6 +11,7 @@ reference's dequantized weight, prepared once inside kernels.weight_cache, or to
 devices the torch reference int4_linear_ref.
 """
 
+import os
 import sys
 from typing import Optional
 
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import cpu as _cpu
-from ._common import autotune_configs, check_triton_inputs, device_context, m_bucket, tile_ids
+from ._common import autotune_configs, check_triton_inputs, device_context, launch, m_bucket, tile_ids
 
 _NIBBLE_SHIFTS = tuple(range(0, 32, 4))
 # At most this many rows take the split-K decode path; more take the GEMM path.
@@ -296,16 +297,46 @@ _int4_gemm = triton.autotune(autotune_configs(_GEMM_CONFIGS), key=_AUTOTUNE_KEY)
 _int4_decode = triton.autotune(autotune_configs(_DECODE_CONFIGS), key=_AUTOTUNE_KEY)(_int4_matmul_kernel)
 _MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _DECODE_CONFIGS)
 _MIN_TILE = (min(c.kwargs["BLOCK_M"] for c in _DECODE_CONFIGS), min(c.kwargs["BLOCK_N"] for c in _DECODE_CONFIGS))
-_counters: dict[torch.device, torch.Tensor] = {}
+TUNING = {"int4_gemm": _GEMM_CONFIGS, "int4_decode": _DECODE_CONFIGS}
+"""The configs each int4 kernel autotunes over (decode: at most 16 rows, split-K)."""
+DEBUG_ENV = "CALQ_KERNEL_DEBUG"
+"""Set to 1: after every split-K launch, wait for it and check that it left its tile counters at zero."""
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _stream_key(device: torch.device) -> tuple[torch.device, int]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return device, stream
 
 
 def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The device's int32 tile counters of the split-K reduction: zeros, and left zero by every launch, so they
-    are allocated (and zeroed) once per device, not per call. Like Marlin's workspace, one stream at a time."""
-    counters = _counters.get(device)
+    """The int32 tile counters of the split-K reduction for the current stream of `device`: zeros, and left zero by
+    every launch, so they are allocated (and zeroed) once, not per call; one set per stream, as two streams'
+    launches would corrupt each other's counts. They grow only outside a CUDA graph capture (a captured graph keeps
+    the pointer): call reserve_split_k(device, n) for the widest layer before capturing."""
+    key = _stream_key(device)
+    counters = _counters.get(key)
     if counters is None or counters.numel() < tiles:
-        counters = _counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"int4_linear: the split-K counters need {tiles} tiles during a CUDA graph capture; "
+                               "call calq_kernels.reserve_split_k(device, widest N) before capturing")
+        counters = _counters[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
     return counters
+
+
+def _decode_tiles(m: int, n: int) -> int:
+    return triton.cdiv(m, _MIN_TILE[0]) * triton.cdiv(n, _MIN_TILE[1])
+
+
+def tuning(m: int) -> dict[str, list[triton.Config]]:
+    """The kernel a call with m rows launches and the configs it autotunes over."""
+    name = "int4_decode" if m <= _DECODE_MAX_M else "int4_gemm"
+    return {name: TUNING[name]}
+
+
+def reserve_split_k(device: torch.device | str, n: int) -> None:
+    """Allocate the current stream's split-K counters for output width n (the widest int4 layer) up front."""
+    split_k_counters(torch.device(device), _decode_tiles(_DECODE_MAX_M, n))
 
 
 def _int4_linear_triton(
@@ -331,18 +362,23 @@ def _int4_linear_triton(
         if m <= _DECODE_MAX_M:  # split-K: sized for the config autotuning may pick
             kernel = _int4_decode
             partial = torch.empty((_MAX_SPLIT_K, m, n), device=x.device, dtype=torch.float32)
-            counters = split_k_counters(x.device, triton.cdiv(m, _MIN_TILE[0]) * triton.cdiv(n, _MIN_TILE[1]))
+            counters = split_k_counters(x.device, _decode_tiles(m, n))
         else:
             kernel = _int4_gemm
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        name = "int4_decode" if kernel is _int4_decode else "int4_gemm"
         with device_context(x):
-            kernel[grid](
+            launch(
+                name, kernel, grid,
                 x2, qweight, scales, zeros, bias, out, partial, counters,
                 m, n, k, m_bucket(m), group_size,
                 *x2.stride(), *qweight.stride(), *scales.stride(), *zeros.stride(), *out.stride(),
                 BLOCK_K=min(group_size & -group_size, 128),  # largest power of two dividing group_size
                 GROUP_M=8,
             )  # fmt: skip
+        if counters is not None and os.environ.get(DEBUG_ENV) == "1" and counters.count_nonzero().item():
+            raise RuntimeError("int4_linear: a split-K launch left its tile counters non-zero; every later decode "
+                               "call would read unfinished sums")
     return out.view(*x.shape[:-1], n)
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import cpu as _cpu
-from ._common import autotune_configs, check_triton_inputs, device_context, m_bucket, tile_ids
+from ._common import autotune_configs, check_triton_inputs, device_context, launch, m_bucket, tile_ids
 
 _ACTS = ("dynamic", "static", "none")
 
@@ -270,6 +270,15 @@ _MATMUL_CONFIGS = [
 ]
 
 
+TUNING = {"int8_matmul": _MATMUL_CONFIGS}
+"""The configs the int8 matmul autotunes over."""
+
+
+def tuning(m: int) -> dict[str, list[triton.Config]]:
+    """The kernel a call with m rows launches (the same for any m) and the configs it autotunes over."""
+    return dict(TUNING)
+
+
 @triton.autotune(autotune_configs(_MATMUL_CONFIGS), key=["M_BUCKET", "N", "K"])
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _int8_matmul_kernel(
@@ -334,7 +343,8 @@ def _int8_matmul(
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if out.numel():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _int8_matmul_kernel[grid](
+        launch(
+            "int8_matmul", _int8_matmul_kernel, grid,
             a, a_scale, qweight, w_scale, bias, out,
             m, n, k, m_bucket(m),
             *a.stride(), 0 if a_scale is None else a_scale.stride(0), *qweight.stride(), *out.stride(),

@@ -3,7 +3,7 @@
 The pipeline, one package per stage, each lower one knowing nothing of those above it:
   data (sources, select) | models (load, structure) -> calibrate (capture, stats, walker)
   -> methods (schemes, quantizer, smoothquant / awq / gptq, table, variant) | confidence (metrics, recalibrate, bands,
-  lens) -> evaluate (evaluation, distributed, gate, report, plots) -> formats (checkpoint, exports)
+  lens) -> checks (evaluation, distributed, gate, report, plots) -> formats (checkpoint, exports)
   -> recipe -> pipeline -> compare | ask -> cli.
 
 The names below are imported on first use, so `import quant.methods` loads only what the methods need.
@@ -19,9 +19,9 @@ _EXPORTS = {
     "recalibrate": "quant.confidence",
     "SelectConfig": "quant.data", "Selection": "quant.data", "select_samples": "quant.data",
     "CalqError": "quant.errors",
-    "REFERENCE": "quant.evaluate", "EvalConfig": "quant.evaluate", "GateReport": "quant.evaluate",
-    "GateRule": "quant.evaluate", "ModelEval": "quant.evaluate", "check_gates": "quant.evaluate",
-    "eval_windows": "quant.evaluate", "evaluate": "quant.evaluate",
+    "REFERENCE": "quant.checks", "EvalConfig": "quant.checks", "GateReport": "quant.checks",
+    "GateRule": "quant.checks", "ModelEval": "quant.checks", "check_gates": "quant.checks",
+    "eval_windows": "quant.checks", "evaluate": "quant.checks",
     "ExportConfig": "quant.formats", "export": "quant.formats", "load": "quant.formats",
     "save_quantized": "quant.formats",
     "METHODS": "quant.methods", "ActScheme": "quant.methods", "QuantizeResult": "quant.methods",

@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from quant.confidence.bands import ABSTAIN, UNSURE, BandConfig, band_of
 from quant.data import MCItem
 from quant.errors import CalqError
-from quant.evaluate import REFERENCE
-from quant.evaluate.evaluation import LETTERS, encode_prompt, letter_token_ids, mmlu_prompt, templated
+from quant.checks import REFERENCE
+from quant.checks.evaluation import LETTERS, encode_prompt, letter_token_ids, mmlu_prompt, templated
 from quant.formats import load, run_variants
 from quant.formats.checkpoint import MANIFEST
 from quant.models import ModelConfig, load_model

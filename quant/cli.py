@@ -90,13 +90,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     """A run directory's fp model and saved variants, or checkpoints against --reference; under torchrun the work
-    is shared by the processes (quant.evaluate.distributed) with the same numbers."""
+    is shared by the processes (quant.checks.distributed) with the same numbers."""
     import calq_kernels as kernels
     import torch
     import torch.distributed as dist
 
-    from quant.evaluate import REFERENCE, EvalConfig, check_gates, evaluate
-    from quant.evaluate.distributed import evaluate_distributed
+    from quant.checks import REFERENCE, EvalConfig, check_gates, evaluate
+    from quant.checks.distributed import evaluate_distributed
     from quant.formats import load, run_variants
     from quant.models import ModelConfig, load_model
     from quant.recipe import Recipe, load_recipe
@@ -146,7 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from quant.evaluate import GateReport
+    from quant.checks import GateReport
 
     path = Path(args.run_dir)
     report = GateReport.load(path / "gate.json" if path.is_dir() else path)

@@ -23,13 +23,13 @@ from quant.calibrate import ActivationStats, Streamed, collect_stats
 from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, recalibrate, reference_logits
 from quant.confidence.recalibrate import TemperatureFit
 from quant.data import Selection, select_samples, source_fingerprint, special_prefix
-from quant.evaluate import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
-from quant.evaluate.evaluation import check_tokenizer, templated
-from quant.evaluate.plots import confidence_histogram, reliability_diagram
-from quant.evaluate.report import write_report
+from quant.checks import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
+from quant.checks.evaluation import check_tokenizer, templated
+from quant.checks.plots import confidence_histogram, reliability_diagram
+from quant.checks.report import write_report
 from quant.files import atomic_path, write_text_atomic
 from quant.formats import export, save_quantized
-from quant.methods import QuantizeResult, kernel_paths, quantize_variant, quantize_variants
+from quant.methods import QuantizeResult, kernel_paths, prepare_kernels, quantize_variant, quantize_variants
 from quant.models import load_model, model_fingerprint
 from quant.recipe import Recipe
 
@@ -182,7 +182,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                                      selection.token_ids)
                     for spec in recipe.quantize}
     for variant in variants.values():  # a streamed walk keeps its quantized layers on CPU
-        variant.model.to(recipe.model.torch_device)
+        prepare_kernels(variant.model.to(recipe.model.torch_device))
     fits: dict[str, TemperatureFit] = {}
     # re-calibrated variants: what is saved and gated (the raw variant is evaluated too)
     shipped: dict[str, Tempered] = {}

@@ -17,7 +17,7 @@ from quant.calibrate import SequentialConfig
 from quant.confidence import SUFFIX, RecalibrateConfig
 from quant.data import SelectConfig
 from quant.errors import CalqError
-from quant.evaluate import REFERENCE, EvalConfig, GateRule
+from quant.checks import REFERENCE, EvalConfig, GateRule
 from quant.formats import ExportConfig
 from quant.formats.exporter import export_problems
 from quant.methods import METHODS, QuantSpec, is_ignored

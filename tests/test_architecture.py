@@ -68,7 +68,7 @@ def test_no_private_name_crosses_a_module():
 
 def test_the_check_sees_private_uses(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from quant.evaluate import evaluation\nfrom quant.files import _default_permissions\n"
+    probe.write_text("from quant.checks import evaluation\nfrom quant.files import _default_permissions\n"
                      "evaluation._reduce_kind\n")
     assert _private_uses(probe) == ["from quant.files import _default_permissions", "evaluation._reduce_kind"]
 
@@ -87,3 +87,14 @@ def test_calq_installs_beside_the_kernels_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     hub, ours = out.stdout.split()
     assert "site-packages" in hub and Path(ours).parent == ROOT / "kernels"
+
+
+def test_top_level_names_are_the_exported_objects_after_every_subpackage_is_imported():
+    """Importing a subpackage sets it as an attribute of `quant`; a subpackage named like an exported function
+    would then shadow it (`from quant import evaluate` gave a module)."""
+    code = ("import importlib, pkgutil, quant\n"
+            "for m in pkgutil.walk_packages(quant.__path__, 'quant.'): importlib.import_module(m.name)\n"
+            "bad = [n for n in quant.__all__ if getattr(quant, n) is not quant.__getattr__(n)]\n"
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

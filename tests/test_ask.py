@@ -10,7 +10,7 @@ from quant.confidence.bands import ABSTAIN, UNSURE, VERY_SURE, BandConfig
 from quant.formats.checkpoint import save_quantized
 from quant.cli import main
 from quant.data import MCItem
-from quant.evaluate.evaluation import MMLUConfig, mmlu_probabilities
+from quant.checks.evaluation import MMLUConfig, mmlu_probabilities
 from quant.methods import QuantSpec, WeightScheme, quantize_variant
 from tests.conftest import tiny_config
 

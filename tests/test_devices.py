@@ -15,7 +15,7 @@ import torch
 from quant.ask import ask
 from quant.calibrate import Streamed, collect_stats
 from quant.confidence import RecalibrateConfig, Tempered, layer_calibration, recalibrate
-from quant.evaluate.evaluation import EvalConfig, MMLUConfig, TextEvalConfig, eval_windows, evaluate
+from quant.checks.evaluation import EvalConfig, MMLUConfig, TextEvalConfig, eval_windows, evaluate
 from quant.formats import load, save_quantized
 from quant.methods import QuantSpec, quantize_variant, quantize_variants
 from quant.models import ModelConfig

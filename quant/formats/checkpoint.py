@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from quant.errors import CalqError
 from quant.files import atomic_path, sha256_file
-from quant.methods import QuantizeResult, QuantLinear, QuantSpec
+from quant.methods import QuantizeResult, QuantLinear, QuantSpec, prepare_kernels
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -145,4 +145,5 @@ def load(path: str | Path, device: str | torch.device | None = None, variant: st
                         f"unexpected {unexpected[:3]}); re-create the checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval().requires_grad_(False)
+    prepare_kernels(model)
     return model, AutoTokenizer.from_pretrained(directory)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quant.evaluate import GateReport
+from quant.checks import GateReport
 from quant.formats.checkpoint import CheckpointInfo, checkpoint_dir, checkpoint_info, load
 from quant.methods import QuantLinear
 

@@ -103,6 +103,17 @@ class QuantLinear(nn.Module):
                 f"g{self.weights.group_size or 'channel'} {'sym' if self.weights.symmetric else 'asym'} {act}")
 
 
+def prepare_kernels(model: nn.Module) -> None:
+    """Reserve, before any decode (and any CUDA graph capture), the split-K workspace of the model's widest W4 layer
+    on each GPU it sits on."""
+    widest: dict[torch.device, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.op == "w4a16" and m.qweight.is_cuda:
+            widest[m.qweight.device] = max(widest.get(m.qweight.device, 0), m.out_features)
+    for device, n in widest.items():
+        kernels.reserve_split_k(device, n)
+
+
 def kernel_paths(model: nn.Module) -> dict[str, int]:
     """How many quantized linears run which kernel path where they are: Triton (or cuBLAS for FP8) on CUDA, on CPU
     the path the CPU dispatch chose for their op (kernels.cpu_dispatch)."""

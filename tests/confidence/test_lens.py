@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant.evaluate.evaluation import EvalConfig, TextEvalConfig, eval_windows, evaluate
+from quant.checks.evaluation import EvalConfig, TextEvalConfig, eval_windows, evaluate
 from quant.confidence.lens import layer_calibration, markdown
 from quant.methods import QuantSpec, WeightScheme, quantize_variant
 

@@ -7,7 +7,7 @@ import torch
 from quant.confidence import metrics
 from quant.errors import CalqError
 from quant.data import MCItem
-from quant.evaluate.evaluation import MMLUConfig, collect_mmlu, collect_text
+from quant.checks.evaluation import MMLUConfig, collect_mmlu, collect_text
 from quant.confidence.lens import layer_calibration
 from quant.confidence.recalibrate import (RecalibrateConfig, Tempered, apply_temperature, fit_temperature, recalibrate,
                                reference_logits)

@@ -20,7 +20,7 @@ from quant.formats.checkpoint import save_quantized, verify_manifest
 from quant.cli import main
 from quant.formats import ExportConfig, export
 from quant.formats.gguf import LLAMA3_SPLIT, gguf_pre_tokenizer, permute_rope
-from quant.evaluate.gate import GateReport, GateResult
+from quant.checks.gate import GateReport, GateResult
 from quant.methods import ActScheme, QuantLinear, QuantSpec, WeightScheme, quantize_variant
 from quant.recipe import load_recipe
 

@@ -26,14 +26,14 @@ def compile_kernel(fn, pointers, constexprs, num_warps, num_stages=3):
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
-for x, configs in (("*fp16", int4._DECODE_CONFIGS), ("*bf16", int4._GEMM_CONFIGS)):
+for x, configs in (("*fp16", int4.TUNING["int4_decode"]), ("*bf16", int4.TUNING["int4_gemm"])):
     config = configs[-1]  # decode: SPLIT_K 8, the serial split-K reduction; GEMM: SPLIT_K 1
     pointers = {"x_ptr": x, "w_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "bias_ptr": "*fp16",
                 "out_ptr": x, "partial_ptr": "*fp32", "counter_ptr": "*i32"}
     constexprs = {**config.kwargs, "BLOCK_K": 128, "GROUP_M": 8}
     compile_kernel(int4._int4_matmul_kernel, pointers, constexprs, config.num_warps, config.num_stages)
 
-config = int8._MATMUL_CONFIGS[-1]
+config = int8.TUNING["int8_matmul"][-1]
 for a, a_scale in (("*i8", {}), ("*bf16", {"a_scale_ptr": None})):
     pointers = {"a_ptr": a, "a_scale_ptr": "*fp32", "b_ptr": "*i8", "b_scale_ptr": "*fp32", "c_ptr": "*bf16"}
     constexprs = {**config.kwargs, **a_scale, "bias_ptr": None, "GROUP_M": 8}

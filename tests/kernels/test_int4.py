@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from calq_kernels import int4_linear, int4_linear_ref, pack_int4, unpack_int4
-from calq_kernels.int4 import _DECODE_CONFIGS, _int4_linear_op, _int4_linear_triton, split_k_counters
+from calq_kernels.int4 import TUNING, _int4_linear_op, _int4_linear_triton, split_k_counters
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -86,7 +86,7 @@ def test_triton_batched_strided_input_and_half_scales():
 def test_split_k_reduction_sets_its_counters_back_to_zero():
     """The decode path sums its split-K partials in one launch, counting finished programs per tile in counters
     that must be zero when the next launch starts: each launch leaves them so, also across shapes."""
-    assert _DECODE_CONFIGS[0].kwargs["SPLIT_K"] > 1  # the config the interpreter runs
+    assert TUNING["int4_decode"][0].kwargs["SPLIT_K"] > 1  # the config the interpreter autotunes to
     for m, n, k in ((1, 33, 70), (16, 5, 256), (3, 70, 40)):
         qweight, scales, zeros = random_int4(n, k, 16, seed=n)
         x = torch.randn(m, k, dtype=torch.float16)
@@ -144,3 +144,44 @@ def test_custom_op_opcheck():
     qweight, scales, zeros = random_int4(33, 40, 32)
     x = torch.randn(3, 40, dtype=torch.float16)
     torch.library.opcheck(_int4_linear_op, (x, qweight, scales, zeros, 32, torch.randn(33)))
+
+
+@pytest.mark.parametrize("m", [3, 20])  # the split-K decode kernel, the GEMM kernel
+def test_every_autotune_config_is_correct(m):
+    """The interpreter autotunes over the first config only: force each in turn (every SPLIT_K value of the decode
+    kernel), and each leaves the split-K counters at zero."""
+    from calq_kernels import forced_config, tuning_configs
+
+    n, k = 40, 128
+    qweight, scales, zeros = random_int4(n, k, 32, seed=m)
+    x = torch.randn(m, k, dtype=torch.float16)
+    ref = int4_linear_ref(x.double(), qweight, scales, zeros, 32)
+    (name, configs), = tuning_configs("int4", m).items()
+    assert name == ("int4_decode" if m <= 16 else "int4_gemm")
+    split_ks = set()
+    for config in configs:
+        with forced_config(name, config):
+            out = _int4_linear_triton(x, qweight, scales, zeros, 32)
+        assert rel_err(out, ref) < 1e-2, config
+        assert split_k_counters(x.device, 1).count_nonzero() == 0, config
+        split_ks.add(config.kwargs["SPLIT_K"])
+    assert split_ks == ({1, 2, 4, 8, 16} if m <= 16 else {1})
+
+
+def test_counters_are_per_stream_reserved_up_front_and_checked(monkeypatch):
+    from calq_kernels import reserve_split_k
+    from calq_kernels.int4 import DEBUG_ENV
+
+    reserve_split_k("cpu", 100_000)
+    assert split_k_counters(torch.device("cpu"), 1).numel() >= 100_000 // 32
+    qweight, scales, zeros = random_int4(33, 64, 32, seed=1)
+    x = torch.randn(2, 64, dtype=torch.float16)
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    _int4_linear_triton(x, qweight, scales, zeros, 32)  # the debug check passes on a launch that resets them
+    counters = split_k_counters(x.device, 1)
+    counters[0] = 1  # a counter left non-zero (a crashed launch, another stream): the debug check says so
+    try:
+        with pytest.raises(RuntimeError, match="left its tile counters non-zero"):
+            _int4_linear_triton(x, qweight, scales, zeros, 32)
+    finally:
+        counters.zero_()

@@ -149,3 +149,21 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(_quantize_per_token_op, (x,))
     torch.library.opcheck(_int8_linear_op, (x, qweight, w_scale, torch.randn(33), "dynamic", None))
     torch.library.opcheck(_int8_linear_op, (x, qweight, w_scale, None, "static", torch.tensor(0.02)))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_every_autotune_config_is_correct(act):
+    """The interpreter autotunes over the first config only: force each in turn."""
+    from calq_kernels import forced_config, tuning_configs
+
+    m, n, k = 19, 40, 160
+    qweight, w_scale = random_int8(n, k)
+    x = torch.randn(m, k, dtype=torch.float16)
+    scale = torch.tensor(0.02) if act == "static" else None
+    ref = int8_linear_ref(x, qweight, w_scale, act=act, act_scale=scale)
+    (name, configs), = tuning_configs("int8", m).items()
+    for config in configs:
+        with forced_config(name, config):
+            out = _int8_linear_triton(x, qweight, w_scale, act=act, act_scale=scale)
+        assert rel_err(out, ref) < 1e-3, config
+    assert len(configs) == 10

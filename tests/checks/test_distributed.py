@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from quant.errors import CalqError
-from quant.evaluate.distributed import evaluate_distributed
-from quant.evaluate.evaluation import BootstrapConfig, EvalConfig, MMLUConfig, TextEvalConfig, evaluate
+from quant.checks.distributed import evaluate_distributed
+from quant.checks.evaluation import BootstrapConfig, EvalConfig, MMLUConfig, TextEvalConfig, evaluate
 from quant.methods import QuantSpec, WeightScheme, quantize_variant
 
 # 3 windows: uneven blocks over 2 processes; 57 MMLU items in batches of 8: 8 batches, the last one short

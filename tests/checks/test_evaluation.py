@@ -7,7 +7,7 @@ import torch
 
 from quant.confidence import metrics
 from quant.data import MCItem, load_mmlu, special_prefix
-from quant.evaluate.evaluation import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig,
+from quant.checks.evaluation import (BootstrapConfig, Estimate, EvalConfig, MMLUConfig, Predictions, TextEvalConfig,
                                        collect_text, eval_windows, evaluate, letter_token_ids, mmlu_probabilities,
                                        mmlu_prompt, reduce, stratified_items)
 from quant.methods import QuantSpec, WeightScheme, quantize_variant

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import model_validator
 
 from quant.errors import CalqError
-from quant.evaluate.evaluation import METRICS, ModelEval
+from quant.checks.evaluation import METRICS, ModelEval
 from quant.files import write_text_atomic
 from quant.schema import StrictModel
 

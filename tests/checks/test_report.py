@@ -90,7 +90,7 @@ def test_report_shows_intervals_recalibration_and_plots(tiny_run):
 def test_the_report_shows_skipped_work_and_a_temperature_at_its_bound(tiny_run):
     import copy
 
-    from quant.evaluate.report import markdown
+    from quant.checks.report import markdown
 
     report = copy.deepcopy(tiny_run.report)
     assert "## Work a method left undone" not in markdown(report)

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from quant.confidence.recalibrate import Models
 from quant.data import load_mmlu
 from quant.errors import CalqError
-from quant.evaluate.evaluation import (EvalConfig, ModelEval, Predictions, collect_text, eval_windows, mmlu_predictions,
+from quant.checks.evaluation import (EvalConfig, ModelEval, Predictions, collect_text, eval_windows, mmlu_predictions,
                                        mmlu_probabilities, reduce, stratified_items)
 
 

@@ -4,8 +4,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from quant.cli import main
-from quant.evaluate.evaluation import BootstrapConfig, Estimate, EvalConfig, ModelEval, collect_text, reduce
-from quant.evaluate.gate import GateRule, check_gates
+from quant.checks.evaluation import BootstrapConfig, Estimate, EvalConfig, ModelEval, collect_text, reduce
+from quant.checks.gate import GateRule, check_gates
 from quant.confidence.recalibrate import apply_temperature
 from tests.confidence.test_recalibrate import moderate, sample_from  # noqa: F401  (fixture)
 
