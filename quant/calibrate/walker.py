@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from quant.calibrate.stats import ActivationStats, LayerStats, recording
 from quant.errors import CalqError
-from quant.models import Layer, ModelConfig, decoder_layers, layers_path, resolve_model_path
+from quant.models import (Layer, ModelConfig, checkpoint_tensors, decoder_layers, layers_path, linearize,
+                          resolve_model_path, route_all_experts)
 from pydantic import Field
 
 from quant.schema import StrictModel
@@ -62,13 +64,18 @@ class _Stop(Exception):
 
 
 class _Recorder(nn.Module):
-    """Stands in for a decoder layer: records its call and passes the hidden states through."""
+    """Stands in for a decoder layer: records its call (positional arguments by their names in the layer's
+    signature: GPT-2 passes the mask positionally) and passes the hidden states through."""
 
-    def __init__(self, calls: list, last: bool) -> None:
+    def __init__(self, calls: list, last: bool, layer: nn.Module) -> None:
         super().__init__()
         self.calls, self.last = calls, last
+        self.signature = inspect.signature(layer.forward)
 
-    def forward(self, hidden_states: Tensor, **kwargs):
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if args:
+            bound = self.signature.bind_partial(hidden_states, *args).arguments
+            kwargs = {**dict(list(bound.items())[1:]), **kwargs}
         self.calls.append((hidden_states, kwargs))
         if self.last:
             raise _Stop
@@ -112,7 +119,7 @@ class LayerInputs:
 def layer_inputs(model: nn.Module, layers: list[Layer], samples: list[Tensor], device) -> Track:
     """Layer 0's hidden states per sample and every layer's keyword arguments, without running any layer."""
     calls: list[list] = [[] for _ in layers]
-    with _replaced(model, layers, [_Recorder(c, last=c is calls[-1]) for c in calls]):
+    with _replaced(model, layers, [_Recorder(c, c is calls[-1], layer.module) for c, layer in zip(calls, layers)]):
         for ids in samples:
             with contextlib.suppress(_Stop):
                 model(input_ids=ids.reshape(1, -1).to(device), use_cache=False)
@@ -138,15 +145,17 @@ class _Replay(nn.Module):
         super().__init__()
         self.hidden = iter(hidden) if hidden is not None else None
 
-    def forward(self, hidden_states: Tensor, **kwargs) -> Tensor:
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         return next(self.hidden) if self.hidden is not None else hidden_states
 
 
 class Resident:
-    """A model in memory: the walk reads its layers in place and never changes them."""
+    """A model in memory: the walk reads its layers in place and never changes their function (Conv1D and fused
+    experts become nn.Linear in place first, exactly: quant.models.linearize; `converted` says what)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.converted = linearize(model)
         self.layers = decoder_layers(model)
         self.prefix = layers_path(model) + "."
         self.device = next(model.parameters()).device
@@ -210,8 +219,9 @@ class _Checkpoint:
             raise CalqError(f"{path} has no model.safetensors; sequential calibration streams layers from a "
                             "safetensors checkpoint (save the model with save_pretrained first)")
 
-    def load(self, model: nn.Module, names: list[str], device: str) -> None:
-        """Replace the (meta) tensors `names` of `model` by the checkpoint's, in the model's dtypes.
+    def load(self, model: nn.Module, names: list[str], device: str, converted: dict[str, str] | None = None) -> None:
+        """Replace the (meta) tensors of `model` by the checkpoint's `names`, in the model's dtypes; `converted`:
+        the linearized modules, whose checkpoint tensors are rearranged to their nn.Linear form.
 
         Each file is opened only for the call, so no mapping outlives the layer that needed it.
         """
@@ -223,8 +233,11 @@ class _Checkpoint:
         tensors = {}
         for file, keys in by_file.items():
             with safe_open(file, "pt", device=device) as f:
-                tensors.update({k: f.get_tensor(k).to(current[k].dtype) for k in keys})
-        model.load_state_dict(tensors, strict=False, assign=True)
+                tensors.update({k: f.get_tensor(k) for k in keys})
+        if converted:
+            tensors = checkpoint_tensors(converted, model, "", tensors)
+        model.load_state_dict({k: t.to(current[k].dtype) for k, t in tensors.items() if k in current},
+                              strict=False, assign=True)
 
 
 class Streamed(Resident):
@@ -246,7 +259,8 @@ class Streamed(Resident):
         return [k for k in self.model.state_dict() if not k.startswith(self.prefix)]
 
     def _load_rest(self, model: nn.Module, device) -> None:
-        self.ckpt.load(model, self._rest(), str(device))
+        self.ckpt.load(model, [k for k in self.ckpt.files if not k.startswith(self.prefix)], str(device),
+                       self.converted)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(self.prefix)]
         if missing:
@@ -265,7 +279,8 @@ class Streamed(Resident):
 
     def load(self, i: int) -> nn.Module:
         layer = self.layers[i]
-        self.ckpt.load(self.model, [f"{layer.name}.{k}" for k in layer.module.state_dict()], str(self.device))
+        self.ckpt.load(self.model, [k for k in self.ckpt.files if k.startswith(f"{layer.name}.")], str(self.device),
+                       {n: c for n, c in self.converted.items() if n.startswith(f"{layer.name}.")})
         return layer.module
 
     def release(self, i: int) -> None:
@@ -308,6 +323,12 @@ def walk(source: Resident, samples: list[Tensor], visitors: Sequence[Visitor] = 
     if not samples and (record or any(v.needs_inputs for v in visitors)):
         raise CalqError("no calibration samples to calibrate on; select samples first")
     wanted = [v.samples(samples) if v.needs_inputs else None for v in visitors]
+    with route_all_experts():  # every expert sees every calibration token; outputs as routed
+        return _walk(source, samples, visitors, stats, meta, record, wanted)
+
+
+def _walk(source: Resident, samples: list[Tensor], visitors: Sequence[Visitor], stats: ActivationStats | None,
+          meta: dict | None, record: bool, wanted: list) -> ActivationStats | None:
     with source.rest():
         fp = source.inputs(samples) if record else None
         tracks = [source.inputs(s) if s is not None else None for s in wanted]

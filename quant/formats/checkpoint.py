@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from quant.errors import CalqError
 from quant.files import atomic_path, sha256_file
+from quant.models import linearize
 from quant.methods import QuantizeResult, QuantLinear, QuantSpec, prepare_kernels
 
 MANIFEST = "manifest.json"
@@ -125,6 +126,7 @@ def load(path: str | Path, device: str | torch.device | None = None, variant: st
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, config.dtype or "float32")
     with torch.device("cpu"), init_empty_weights():  # parameters on meta; buffers (rotary frequencies) on CPU
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linearize(model)  # as the walk saw it: Conv1D and fused experts as nn.Linear
     for name in info.quantized:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):

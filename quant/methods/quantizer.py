@@ -20,6 +20,10 @@ from quant.methods.schemes import ActScheme, Codes, WeightScheme, quantize_weigh
 
 IGNORED = "ignored by recipe"
 """The reason a linear matched by `ignore` stays in full precision (shown in the report)."""
+NO_TOKENS = "no calibration token reached it, so it has no static activation scale"
+"""The reason a linear stays in full precision under static activations when its statistics saw no token."""
+ROUTER = "MoE router: its scores pick the experts, kept in full precision (as vLLM and llm-compressor)"
+UNHANDLED = "not an nn.Linear: calq quantizes nn.Linear (Conv1D and fused experts are converted to it)"
 
 
 class QuantLinear(nn.Module):
@@ -174,9 +178,54 @@ def quantize_linears(module: nn.Module, weights: WeightScheme, activations: ActS
             if stats is None or name not in stats:
                 raise CalqError(f"{name} uses a static activation scale but has no activation statistics; "
                                 "collect statistics on the same model first")
+            if stats[name].tokens == 0:
+                done.kept[name] = NO_TOKENS
+                continue
             absmax = stats[name].absmax
         parent, _, child = rel.rpartition(".")
         module.get_submodule(parent).register_module(
             child, QuantLinear.from_linear(linear, weights, activations, absmax, codes.get(name)))
         done.quantized.append(name)
     return done
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model's matrix-product weights (elements) a variant quantized, and each one it kept."""
+
+    quantized: int
+    total: int
+    kept: dict[str, str]
+    """Every matmul weight left in full precision, by module name, with the reason."""
+
+    @property
+    def share(self) -> float:
+        return self.quantized / self.total if self.total else 1.0
+
+    def line(self) -> str:
+        reasons: dict[str, int] = {}
+        for reason in self.kept.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        kept = "; ".join(f"{n} kept: {r}" for r, n in reasons.items())
+        return f"{self.share:.1%} of matmul weights quantized ({self.quantized:,} of {self.total:,})" + (
+            f"; {kept}" if kept else "")
+
+
+def coverage(model: nn.Module, kept: Mapping[str, str]) -> Coverage:
+    """Every matrix-product weight of `model`: QuantLinear (quantized), nn.Linear (kept, with `kept`'s reason) and
+    any other module's 2-D or larger parameter except embeddings (kept: a router, or a layout calq does not
+    handle)."""
+    quantized, total, out = 0, 0, {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            quantized += m.in_features * m.out_features
+            total += m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel()
+            out[name] = kept.get(name, "left in full precision")
+        elif not isinstance(m, nn.Embedding):
+            params = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
+            if params:
+                total += sum(p.numel() for p in params)
+                out[name] = ROUTER if "router" in type(m).__name__.lower() else f"{type(m).__name__} {UNHANDLED}"
+    return Coverage(quantized, total, out)

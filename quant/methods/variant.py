@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from quant.calibrate.stats import ActivationStats, LayerStats, recording
 from quant.calibrate.walker import LayerInputs, Propagate, Resident, calibration_subset, walk
 from quant.errors import CalqError
-from quant.methods.quantizer import Quantized, quantize_linears
+from quant.methods.quantizer import Coverage, Quantized, coverage, quantize_linears
 from quant.methods.schemes import PRESETS, ActScheme, WeightScheme
 from quant.methods.step import LayerCall, LayerChange
 from quant.methods.table import METHODS
@@ -115,6 +115,10 @@ class QuantizeResult:
     """Linear layers left in full precision, with the reason (shown in the report and to the gate)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Work the method left undone (a smoothing group it cannot fold), with the reason (shown in the report)."""
+    converted: dict[str, str] = field(default_factory=dict)
+    """Modules converted to nn.Linear before the walk (Conv1D, fused experts; quant.models.linearize)."""
+    coverage: Coverage | None = None
+    """Share of the model's matmul weights quantized, and every one kept with the reason."""
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers as stored (packed codes count at their packed size)."""
@@ -172,11 +176,13 @@ class _Variant:
         quantized too (the output head is usually ignored)."""
         model = source.variant_model(self.layers)
         if not self.rounded:
-            self.result = QuantizeResult(model, self.spec, skipped=self.skipped)
+            self.result = QuantizeResult(model, self.spec, skipped=self.skipped, converted=source.converted)
             return
         self.done.add(quantize_linears(model, self.spec.weights, self.spec.input_activations, self.spec.ignore,
                                        stats.layers if stats is not None else None, skip=source.prefix))
-        self.result = QuantizeResult(model, self.spec, self.done.quantized, self.done.kept, self.skipped)
+        cover = coverage(model, self.done.kept)
+        self.result = QuantizeResult(model, self.spec, self.done.quantized, cover.kept, self.skipped,
+                                     source.converted, cover)
 
 
 def quantize_variants(source: Resident, samples: list[Tensor], specs: list[QuantSpec] | tuple[QuantSpec, ...],
