@@ -113,7 +113,12 @@ class LayerInputs:
     kwargs: list[dict]
 
     def run(self, module: nn.Module) -> list[Tensor]:
-        return [module(h, **kw) for h, kw in zip(self.hidden, self.kwargs)]
+        return [hidden_out(module(h, **kw)) for h, kw in zip(self.hidden, self.kwargs)]
+
+
+def hidden_out(output: Tensor | tuple) -> Tensor:
+    """A decoder layer's hidden states: most layers return them, some (Falcon, GPT-NeoX) a tuple starting with them."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def layer_inputs(model: nn.Module, layers: list[Layer], samples: list[Tensor], device) -> Track:
@@ -141,12 +146,14 @@ class _Replay(nn.Module):
     """Stands in for decoder layer 0: replays the recorded final hidden states, one sample per call, so the
     model's tail (final norm) runs on them; later layers pass them through."""
 
-    def __init__(self, hidden: list[Tensor] | None) -> None:
+    def __init__(self, hidden: list[Tensor] | None, wrap: bool) -> None:
         super().__init__()
         self.hidden = iter(hidden) if hidden is not None else None
+        self.wrap = wrap
 
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        return next(self.hidden) if self.hidden is not None else hidden_states
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor | tuple[Tensor]:
+        out = next(self.hidden) if self.hidden is not None else hidden_states
+        return (out,) if self.wrap else out
 
 
 class Resident:
@@ -161,6 +168,8 @@ class Resident:
         self.device = next(model.parameters()).device
         self.home = self.device
         """Where the quantized layers are kept."""
+        self.tuple_out = False
+        """Whether the decoder layers return a tuple (seen on the walk's first layer): the stand-ins must too."""
 
     @contextlib.contextmanager
     def rest(self) -> Iterator[None]:
@@ -184,7 +193,7 @@ class Resident:
         def stop(_module, _args):
             raise _Stop
 
-        stand_ins = [_Replay(hidden if layer is self.layers[0] else None) for layer in self.layers]
+        stand_ins = [_Replay(hidden if layer is self.layers[0] else None, self.tuple_out) for layer in self.layers]
         with _replaced(self.model, self.layers, stand_ins), recording(self.model, skip=self.prefix) as stats:
             handle = head.register_forward_pre_hook(stop) if head is not None else None  # after recording's hook
             try:
@@ -336,6 +345,8 @@ def _walk(source: Resident, samples: list[Tensor], visitors: Sequence[Visitor], 
     for i, layer in enumerate(tqdm(source.layers, desc="calibrate", unit="layer")):
         module = source.load(i)
         if fp is not None:
+            if i == 0:
+                source.tuple_out = isinstance(module(fp.hidden[0], **fp.kwargs[0][0]), tuple)
             with recording(module, layer.name) as recorded:
                 fp.hidden = fp.at(i).run(module)
             layer_stats.update(recorded)
