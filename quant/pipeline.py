@@ -205,6 +205,9 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         del reference  # the fits are done: free its logits (400 MB on the default model) before evaluation
         models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}, **shipped}
         evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
+        for name, ev in evals.items():  # what gate rules on coverage read
+            v = variants.get(name.removesuffix(SUFFIX) if name in shipped else name)
+            ev.coverage = {"share": v.coverage.share if v and v.coverage else 0.0}
         if recipe.evaluation.logit_lens is not None:  # where in depth quantization moves confidence
             lens_text = recipe.evaluation.text.model_copy(update=recipe.evaluation.logit_lens.model_dump())
             windows = eval_windows(tokenizer, lens_text)
@@ -229,7 +232,9 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                             "quantize_peak_rss_mb": peak_mb.get(f"quantize_{base}"),
                             "layers_quantized": len(v.quantized) if v else 0,
                             "layers_kept": len(v.kept) if v else "all", "kept": v.kept if v else {},
-                            "skipped": v.skipped if v else {}}
+                            "skipped": v.skipped if v else {},
+                            "coverage": v.coverage.line() if v and v.coverage else None,
+                            "converted": v.converted if v else {}}
     report = {
         "recipe": recipe.model_dump(mode="json"), "reference": REFERENCE,
         "evaluation_setup": _setup(recipe, tokenizer),

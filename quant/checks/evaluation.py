@@ -35,7 +35,8 @@ from quant.schema import StrictModel
 LETTERS = "ABCD"
 SUMMARY = ("n", "accuracy", "mean_confidence", "ece", "ece_mass", "mce", "auroc", "aurc", "selective_coverage",
            "selective_accuracy", "nll", "brier")
-METRICS = {"text": (*SUMMARY, "perplexity", "kl_to_reference", "top1_agreement"), "mmlu": SUMMARY}
+METRICS = {"text": (*SUMMARY, "perplexity", "kl_to_reference", "top1_agreement"), "mmlu": SUMMARY,
+           "coverage": ("share",)}
 """Every metric the evaluation reports, by section: what a gate rule may name (checked when the recipe loads)."""
 REFERENCE = "fp"
 """The name of the full-precision model among the evaluated ones: what KL, agreement and gates compare against."""
@@ -122,6 +123,8 @@ class ModelEval:
     (the same resampled windows / items for both models); empty for the reference itself."""
     token_predictions: Predictions | None = None
     mmlu_predictions: Predictions | None = None
+    coverage: dict[str, float] = field(default_factory=dict)
+    """`share`: the fraction of the variant's matmul weights quantized (0 for the reference), for gate rules."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,13 @@ class GateRule(StrictModel):
     max_ratio: float | None = None
     max_drop: float | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _short_names(cls, data):
+        if isinstance(data, dict) and data.get("metric") == "coverage":  # {metric: coverage, min: 0.95}
+            data = {**data, "metric": "coverage.share"}
+        return data
+
     @model_validator(mode="after")
     def _one_bound(self) -> GateRule:
         given = [b for b in BOUNDS if getattr(self, b) is not None]

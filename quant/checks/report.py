@@ -95,6 +95,17 @@ def markdown(report: dict) -> str:
               f"Diversity (TF-IDF/LSA space): mean pairwise distance {d['mean_pairwise_distance']:.3f} "
               f"(random selection: {d['random_mean_pairwise_distance']:.3f}); coverage radius "
               f"{d['coverage_radius']:.3f} (random: {d['random_coverage_radius']:.3f}; lower is better)."]
+    covered = {n: e["coverage"] for n, e in ev.items() if e.get("coverage") and not n.endswith(SUFFIX)}
+    if covered:
+        lines += ["", "## Coverage (matmul weights quantized)"]
+        lines += [f"- {n}: {line}" for n, line in covered.items()]
+    converted = next((e["converted"] for e in ev.values() if e.get("converted")), None)
+    if converted:
+        kinds: dict[str, int] = {}
+        for what in converted.values():
+            kinds[what] = kinds.get(what, 0) + 1
+        lines += ["", f"Converted to nn.Linear before calibration (exact): "
+                  + "; ".join(f"{k} x {what}" for what, k in kinds.items())]
     kept = {n: e["kept"] for n, e in ev.items() if e.get("kept")}
     if kept:
         lines += ["", "## Layers kept in full precision"]

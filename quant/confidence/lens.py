@@ -28,7 +28,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from quant.confidence import metrics  # noqa: E402
 from quant.confidence.recalibrate import Models, forward_groups  # noqa: E402
 from quant.files import atomic_path  # noqa: E402
-from quant.models import final_norm  # noqa: E402
+from quant.errors import CalqError  # noqa: E402
+from quant.models import final_norm, logit_map  # noqa: E402
 from quant.schema import StrictModel  # noqa: E402
 
 COLUMNS = ("accuracy", "mean_confidence", "ece", "mce")
@@ -92,16 +93,20 @@ def markdown(table: dict) -> str:
 def _layer_predictions(model: nn.Module, ids: Tensor, temperatures: list[float]) -> list[tuple[Tensor, Tensor]]:
     """(confidence, predicted token) per layer and position, (L + 1, T) each, for each temperature."""
     dev = next(model.parameters()).device
-    hidden = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False).hidden_states
-    norm = final_norm(model, "the logit lens", "set evaluation.logit_lens: null for this model")
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    output = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False)
+    hidden = output.hidden_states
+    fix = "set evaluation.logit_lens: null for this model"
+    norm = final_norm(model, "the logit lens", fix)
+    head, after = model.get_output_embeddings(), logit_map(model)
     out = [([], []) for _ in temperatures]
     for i, h in enumerate(hidden):
         # transformers returns the last entry already through the final norm (it is last_hidden_state)
-        z = head(h[0] if i == len(hidden) - 1 else norm(h[0])).float()
-        if cap is not None:
-            z = torch.tanh(z / cap) * cap
+        z = after(head(h[0] if i == len(hidden) - 1 else norm(h[0])).float())
+        if i == len(hidden) - 1:  # the last layer's lens must be the model's own prediction
+            own = output.logits[0].float()
+            if (z - own).abs().max() > 1e-3 * (1 + own.abs().max()):
+                raise CalqError(f"the logit lens cannot reproduce {type(model).__name__}'s logits from its final "
+                                f"norm, output head and scaling after it ({after.source}); {fix}")
         for (conf, pred), temperature in zip(out, temperatures):
             c, p = F.log_softmax(z / temperature, dim=-1).max(-1)
             conf.append(c.exp().cpu())

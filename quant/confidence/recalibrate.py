@@ -5,8 +5,10 @@ Quantization moves a model's confidence. One scalar temperature T (logits / T) f
 - `label_free`: T minimizes KL(full precision || quantized / T) on positions where both models agree
   on the top token: the full-precision model is the reference, no labels needed (the idea of DACA /
   Dual-Align).
-T is folded into the final norm's weight (logits are linear in it), so every runtime that loads the
-checkpoint applies it without knowing about calq.
+T is folded into the final norm's weight (the head's product is linear in it; a constant scale after the head,
+Cohere's or Granite's, commutes with it), so every runtime that loads the checkpoint applies it without knowing
+about calq. Under final-logit soft-capping, cap(z) / T = cap'(z / T) with cap' = cap / T, so the config's cap is
+divided by T too: still exact, and written to config.json with the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from scipy.optimize import minimize_scalar
 
 from quant.errors import CalqError
-from quant.models import final_norm, fold_scales
+from quant.models import final_norm, fold_scales, logit_map
 from quant.schema import StrictModel
 
 Method = Literal["labelled", "label_free"]
@@ -58,21 +60,14 @@ T_BOUNDS = (0.25, 4.0)
 """Temperatures searched; a fit that ends at a bound is reported as such (TemperatureFit.at_bound)."""
 
 
-def _temperature_norm(model: nn.Module) -> nn.Module:
-    """The norm right before the unembedding, where a temperature folds exactly."""
-    fix = "set recalibrate: null for this model"
-    norm = final_norm(model, "folding a temperature", fix)
-    if getattr(model.config, "final_logit_softcapping", None) is not None:
-        raise CalqError(f"cannot fold a temperature into {type(model).__name__}: its final logit soft-capping "
-                        f"is not linear in the norm; {fix}")
-    return norm
-
-
 @torch.no_grad()
 def apply_temperature(model: nn.Module, temperature: float) -> None:
-    """Divide the model's logits by `temperature`, in place, by scaling its final norm."""
-    norm = _temperature_norm(model)
+    """Divide the model's logits by `temperature`, in place, by scaling its final norm (and the soft-cap, if any)."""
+    norm = final_norm(model, "folding a temperature", "set recalibrate: null for this model")
     fold_scales(norm, [], torch.full((norm.weight.numel(),), float(temperature), device=norm.weight.device))
+    cap = logit_map(model).cap
+    if cap is not None:
+        model.config.final_logit_softcapping = cap / float(temperature)
 
 
 def _fit_positions(samples: list[Tensor], cfg: RecalibrateConfig) -> list[tuple[Tensor, Tensor]]:

@@ -124,3 +124,17 @@ def test_nan_metric_fails_the_gate():
 def test_cli_gate_without_run(tmp_path, capsys):
     assert main(["gate", str(tmp_path)]) == 2
     assert "run `calq run RECIPE` first" in capsys.readouterr().err
+
+
+def test_gate_on_coverage_refuses_a_mostly_float_model():
+    """`{metric: coverage, min: 0.95}` (or coverage.share) bounds the share of matmul weights quantized; a wrong
+    coverage metric name is refused when the rule is read."""
+    rule = GateRule.model_validate({"metric": "coverage", "min": 0.95})
+    assert rule.metric == "coverage.share"
+    results = {"fp": ModelEval(coverage={"share": 0.0}), "mostly-float": ModelEval(coverage={"share": 0.42}),
+               "full": ModelEval(coverage={"share": 0.97})}
+    report = check_gates(results, [rule], "fp")
+    assert [(r.variant, r.passed, r.value) for r in report.results] == [("mostly-float", False, 0.42),
+                                                                         ("full", True, 0.97)]
+    with pytest.raises(ValueError, match="choose from .*coverage.share"):
+        GateRule(metric="coverage.layers", min=0.9)

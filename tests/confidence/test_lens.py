@@ -7,6 +7,7 @@ import torch
 from quant.checks.evaluation import EvalConfig, TextEvalConfig, eval_windows, evaluate
 from quant.confidence.lens import layer_calibration, markdown
 from quant.methods import QuantSpec, WeightScheme, quantize_variant
+from quant.models import fold_scales
 
 TEXT = TextEvalConfig(windows=2, seq_len=64)
 
@@ -52,3 +53,28 @@ def test_middle_layer_reads_out_through_the_models_own_norm(tiny_model, tokenize
     assert row["accuracy"] == correct.mean()
     assert row["mean_confidence"] == pytest.approx(conf.mean(), abs=1e-6)
     assert not np.isclose(row["mean_confidence"], rows[2]["mean_confidence"])  # a different readout per layer
+
+
+@pytest.mark.parametrize("model_type, after", [("cohere", {"logit_scale": 0.01}), ("granite", {"logits_scaling": 100.0}),
+                                               ("gemma2", {"final_logit_softcapping": 0.05})])
+def test_the_lens_applies_the_scaling_after_the_head(model_type, after, tokenizer):
+    """The last layer's confidence is the model's own, under Cohere's logit_scale, Granite's logits_scaling and
+    Gemma 2's soft-cap. The head's logits are made large (final norm x 100) and each scaling shrinks them, so a lens
+    that ignored it would read a very different confidence."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                               pad_token_id=0, **after)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    norm = model.model.norm
+    fold_scales(norm, [], torch.full((norm.weight.numel(),), 0.01, device="cpu"))
+    windows = eval_windows(tokenizer, TEXT)
+    rows = layer_calibration({"m": model}, windows).layers["m"]
+    with torch.inference_mode():
+        conf = torch.cat([model(input_ids=w[None, :-1]).logits[0].softmax(-1).max(-1).values for w in windows])
+    assert rows[-1]["mean_confidence"] == pytest.approx(float(conf.double().mean()), abs=1e-6)
+    with torch.inference_mode():
+        raw = torch.cat([model.get_output_embeddings()(model.model(w[None, :-1]).last_hidden_state)[0].softmax(-1)
+                         .max(-1).values for w in windows])
+    assert float(raw.double().mean()) - rows[-1]["mean_confidence"] > 0.3  # the scaling matters here

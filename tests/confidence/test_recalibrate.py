@@ -131,8 +131,18 @@ def test_reference_logits_are_computed_once_for_many_fits(peaked, sampled_text):
         fit_temperature(overconfident, sampled_text[:5], cfg, cached)
 
 
-@pytest.mark.parametrize("family", ["gemma3"])
-def test_soft_capped_logits_refuse_a_folded_temperature(tiny_model):
-    tiny_model.config.final_logit_softcapping = 30.0
-    with pytest.raises(CalqError, match="soft-capping is not linear"):
-        apply_temperature(tiny_model, 2.0)
+@pytest.mark.parametrize("model_type, after", [("gemma2", {"final_logit_softcapping": 0.05}),
+                                               ("cohere", {"logit_scale": 0.25}), ("granite", {"logits_scaling": 4.0})])
+def test_a_folded_temperature_is_exact_after_scaling_and_soft_capping(model_type, after):
+    """Soft-capping: the norm takes 1/T and the cap becomes cap / T, so logits are exactly the old ones / T (a cap
+    far below the logits' range, so a fold that ignored it would be far off); constant scales commute with T."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0, **after)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (1, 12), device="cpu")
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_temperature(model, 2.5)
+        torch.testing.assert_close(model(ids).logits, before / 2.5, atol=1e-6, rtol=1e-4)
