@@ -104,7 +104,7 @@ def markdown(report: dict) -> str:
         kinds: dict[str, int] = {}
         for what in converted.values():
             kinds[what] = kinds.get(what, 0) + 1
-        lines += ["", f"Converted to nn.Linear before calibration (exact): "
+        lines += ["", "Converted to nn.Linear before calibration (exact): "
                   + "; ".join(f"{k} x {what}" for what, k in kinds.items())]
     kept = {n: e["kept"] for n, e in ev.items() if e.get("kept")}
     if kept:

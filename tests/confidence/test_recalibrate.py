@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from quant.confidence import metrics
-from quant.errors import CalqError
 from quant.data import MCItem
 from quant.checks.evaluation import MMLUConfig, collect_mmlu, collect_text
 from quant.confidence.lens import layer_calibration
