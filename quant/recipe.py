@@ -21,7 +21,7 @@ from quant.checks import REFERENCE, EvalConfig, GateRule
 from quant.formats import ExportConfig
 from quant.formats.exporter import export_problems
 from quant.methods import METHODS, QuantSpec, is_ignored
-from quant.models import ModelConfig, resolve_model_path
+from quant.models import ModelConfig, linearize, resolve_model_path
 from quant.schema import StrictModel
 
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -98,6 +98,7 @@ def model_problems(recipe: Recipe) -> list[str]:
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=recipe.model.torch_dtype)
+    linearize(model)  # as the walk will see it: Conv1D and fused experts as nn.Linear
     found = []
     for spec in recipe.quantize:
         check = METHODS[spec.method].check_model

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 import weakref
 from collections.abc import Iterator
 
@@ -130,11 +131,24 @@ def linearize(module: nn.Module, prefix: str = "") -> dict[str, str]:
     return dict(converted)
 
 
+HUB_NAMES = ((re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
+             (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
+             (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
+             (re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate."))
+"""Mixtral's hub names (which transformers 5 still writes with save_pretrained) -> the linearized module names. The
+other MoE models transformers ships save experts.<e>.gate_proj/up_proj/down_proj, linearize's names already."""
+
+
 def checkpoint_tensors(converted: dict[str, str], module: nn.Module, prefix: str, tensors: dict[str, Tensor]
                        ) -> dict[str, Tensor]:
     """A Hugging Face checkpoint's tensors of `module` (named `prefix`, already linearized: `converted`) under
-    linearize's names and layouts, so a skeleton built from the config loads the original checkpoint."""
-    out = dict(tensors)
+    linearize's names and layouts, so a skeleton built from the config loads the original checkpoint: per-expert
+    hub names (HUB_NAMES), fused 3-D experts, transposed Conv1D weights."""
+    out = {}
+    for key, t in tensors.items():
+        for pattern, name in HUB_NAMES:
+            key = pattern.sub(name, key)
+        out[key] = t
     for name in converted:
         rel = name.removeprefix(prefix).lstrip(".")
         new = module.get_submodule(rel)
