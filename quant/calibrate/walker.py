@@ -42,6 +42,8 @@ from pydantic import Field
 from quant.schema import StrictModel
 
 Propagate = Literal["float", "quantized"]
+PROBE_TOKENS = 32
+"""Tokens of the first calibration sample run through the float layers for visitors to trace structure on."""
 
 
 class SequentialConfig(StrictModel):
@@ -316,8 +318,10 @@ class Visitor(Protocol):
     def samples(self, samples: list[Tensor]) -> list[Tensor]:
         """The samples it runs through its own copies of the layers (if it needs inputs)."""
 
-    def visit(self, layer: Layer, inputs: LayerInputs | None, stats: dict[str, LayerStats]) -> list[Tensor] | None:
-        """Handle float `layer` (do not change it), on its own `inputs`; return its inputs for the next layer."""
+    def visit(self, layer: Layer, inputs: LayerInputs | None, stats: dict[str, LayerStats],
+              probe: LayerInputs | None = None) -> list[Tensor] | None:
+        """Handle float `layer` (do not change it), on its own `inputs`; return its inputs for the next layer.
+        `probe`: one short sample's inputs of the float layer (to trace its structure on)."""
 
     def finish(self, source: Resident, stats: ActivationStats | None) -> None:
         """Complete the variant after the last layer."""
@@ -341,6 +345,7 @@ def _walk(source: Resident, samples: list[Tensor], visitors: Sequence[Visitor], 
     with source.rest():
         fp = source.inputs(samples) if record else None
         tracks = [source.inputs(s) if s is not None else None for s in wanted]
+        probe = source.inputs([samples[0][:PROBE_TOKENS]]) if samples and visitors else None
     layer_stats: dict[str, LayerStats] = dict(stats.layers) if stats is not None else {}
     for i, layer in enumerate(tqdm(source.layers, desc="calibrate", unit="layer")):
         module = source.load(i)
@@ -351,9 +356,12 @@ def _walk(source: Resident, samples: list[Tensor], visitors: Sequence[Visitor], 
                 fp.hidden = fp.at(i).run(module)
             layer_stats.update(recorded)
         for visitor, track in zip(visitors, tracks):
-            hidden = visitor.visit(Layer(layer.name, module), track.at(i) if track is not None else None, layer_stats)
+            hidden = visitor.visit(Layer(layer.name, module), track.at(i) if track is not None else None, layer_stats,
+                                   probe.at(i) if probe is not None else None)
             if track is not None:
                 track.hidden = hidden
+        if probe is not None:
+            probe.hidden = probe.at(i).run(module)
         source.release(i)
     if fp is not None:
         with source.rest():

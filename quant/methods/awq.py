@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import Tensor
 
 from quant.calibrate.capture import input_sites
-from quant.methods.mappings import architecture, check_model, smoothing_groups, unclipped
+from quant.methods.mappings import check_model, layer_groups
 from quant.methods.quantizer import is_ignored
 from quant.methods.schemes import Codes, WeightScheme, fake_quantize, grouped, quantize_weight
 from quant.methods.step import LayerCall, LayerChange, Method, TokenBudget
@@ -111,19 +111,17 @@ def awq_layer(call: LayerCall) -> LayerChange:
     float weight could land a group's end one code off at a rounding tie. Linears matching `ignore` stay in full
     precision, so they are never clipped (folding scales into them keeps their function)."""
     cfg: AWQConfig = call.options
-    arch = architecture(call.model_type, "AWQ")
+    groups, skipped, keep = layer_groups(call.layer, call.model_type, call.probe, "AWQ")
     sites = input_sites(call.layer, call.inputs.hidden, call.inputs.kwargs)
     site_of = {name: site for site in sites for name in site.names}
-    groups, skipped = smoothing_groups(call.layer, arch)
     for group in groups:
         site = site_of[group.names[0]]
         weight = torch.cat([lin.weight for lin in group.linears])
         s = best_scales(site.sum_abs / site.tokens, site.gram, weight, call.weights, cfg.n_grid)
-        fold_scales(group.prev, group.linears, s)
+        fold_scales(group.prev, group.readers, s)
         site.gram = site.gram / (s[:, None] * s[None, :])  # the linears now read X / s
     codes = {}
     if cfg.clip:
-        keep = unclipped(call.layer, arch)
         for site in sites:
             for name, lin in zip(site.names, site.linears):
                 if name not in keep and not is_ignored(name, call.ignore):

@@ -1,20 +1,31 @@
-"""Where scales can be folded in each supported architecture (smoothing groups), for SmoothQuant and AWQ.
+"""Where scales can be folded (smoothing groups), for SmoothQuant and AWQ: found from the model by tracing one
+forward of each decoder layer, or from a table for the architectures it lists.
 
 A smoothing group is an op and the linears that read its output. Dividing the op's output channels by s and
 multiplying the linears' input columns by s (quant.models.fold_scales) leaves the model's function unchanged while
-moving magnitude between activations and weights, which is what SmoothQuant and AWQ exploit. Architectures differ
-only in module names, so they are tables here and the methods stay architecture-free.
+moving magnitude between activations and weights, which is what SmoothQuant and AWQ exploit.
+
+`traced_groups` finds them on a probe (one short calibration sample through the layer): a norm whose output tensor
+(or a view of it) is what linears read is a group with those readers (an MoE router reading it too has its columns
+scaled along, unquantized); a linear feeding a sibling linear through an elementwise product or attention (up_proj
+-> down_proj, v_proj -> o_proj) is a candidate; every group is kept only if folding random scales into a float32
+copy of the layer leaves its output unchanged (the exactness test), so a fold that is not exact (GQA's v_proj ->
+o_proj, fused qkv -> o_proj, a norm another op also reads) is skipped with the reason. The table (ARCHITECTURES)
+keeps the six architectures it listed before tracing existed: their traced groups are the same (a test pins it) and
+the table keeps their numbers bit-identical.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from quant.calibrate.walker import LayerInputs, hidden_out
 from quant.errors import CalqError
-from quant.models import Layer, decoder_layers
+from quant.models import Layer, decoder_layers, fold_scales, route_all_experts
 from quant.models.structure import norm_offset
 
 
@@ -62,28 +73,147 @@ class Group:
     names: tuple[str, ...]
     """Full module names of the linears (the keys of ActivationStats)."""
     linears: tuple[nn.Linear, ...]
+    also: tuple[nn.Module, ...] = ()
+    """Other readers of prev's output whose input columns take the scales too, left unquantized (MoE routers)."""
+
+    @property
+    def readers(self) -> tuple[nn.Module, ...]:
+        return (*self.linears, *self.also)
 
 
-def architecture(model_type: str | None, method: str) -> Architecture:
-    if model_type not in ARCHITECTURES:
-        raise CalqError(f"{method} has no smoothing groups for architecture {model_type!r}; supported: "
-                        f"{', '.join(sorted(ARCHITECTURES))} (use method: minmax or gptq for this model)")
-    return ARCHITECTURES[model_type]
+def _norm_like(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return not isinstance(module, nn.Linear) and isinstance(w, Tensor) and w.dim() == 1
 
 
-def check_model(model: nn.Module, method: str) -> Architecture:
-    """The model's smoothing groups exist, and its (1 + w) norms among them are held in float32: (1 + w) / s - 1
-    rounded to bfloat16 moves the effective multiplier by several percent for the large s SmoothQuant and AWQ pick
-    (Gemma). Checked before any work (at recipe load, on a meta skeleton)."""
-    arch = architecture(getattr(model.config, "model_type", None), method)
+def check_model(model: nn.Module, method: str) -> None:
+    """The model's (1 + w) norms are held in float32: (1 + w) / s - 1 rounded to bfloat16 moves the effective
+    multiplier by several percent for the large s SmoothQuant and AWQ pick (Gemma). Checked before any work (at
+    recipe load, on a meta skeleton); which groups fold is decided per layer, by tracing (or the table)."""
     layer = decoder_layers(model)[0]
-    for spec in arch.groups:
-        prev = layer.module.get_submodule(spec.prev)
-        if not isinstance(prev, nn.Linear) and norm_offset(prev) and prev.weight.dtype != torch.float32:
-            raise CalqError(f"{method} folds scales into {layer.name}.{spec.prev} ({type(prev).__name__}, "
+    for name, prev in layer.module.named_children():
+        if _norm_like(prev) and prev.weight.dtype != torch.float32 and norm_offset(prev):
+            raise CalqError(f"{method} folds scales into {layer.name}.{name} ({type(prev).__name__}, "
                             f"y = x * (1 + w)), which {prev.weight.dtype} cannot hold exactly; load the model with "
                             "dtype: float32")
-    return arch
+
+
+def _as_float(value):
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_float(v) for v in value)
+    return value
+
+
+def _key(t: Tensor) -> tuple[int, int, int]:
+    """Which tensor this is, views included (Mixtral's router reads the norm output reshaped)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+
+
+@torch.no_grad()
+def _exact(layer: nn.Module, probe: LayerInputs, ref: Tensor, prev: str, readers: tuple[str, ...]) -> bool:
+    """Whether folding random scales into prev and its readers leaves the layer's output unchanged."""
+    trial = copy.deepcopy(layer)
+    p = trial.get_submodule(prev)
+    width = p.out_features if isinstance(p, nn.Linear) else p.weight.numel()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = torch.exp(torch.rand(width, generator=g, device="cpu") - 0.5).to(p.weight.device)
+    fold_readers = [trial.get_submodule(r) for r in readers]
+    fold_scales(p, fold_readers, s)
+    with route_all_experts():
+        out = hidden_out(trial(probe.hidden[0], **probe.kwargs[0]))
+    return bool((out - ref).abs().max() <= 1e-4 * (1 + ref.abs().max()))
+
+
+@torch.no_grad()
+def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], dict[str, str]]:
+    """The smoothing groups of one decoder layer found on `probe` (one sample of its inputs), each checked exact,
+    and the candidates skipped with the reason. Order: by where the group's first reader runs in the forward."""
+    module = copy.deepcopy(layer.module).float()  # the exactness test runs in float32
+    probe = LayerInputs([probe.hidden[0].float()], [_as_float(probe.kwargs[0])])
+    produced: dict[tuple, str] = {}
+    reads: list[tuple[str, tuple]] = []
+    alive: list[Tensor] = []  # held so no storage is reused while tracing
+    handles = []
+    for name, m in module.named_modules():
+        if _norm_like(m) or isinstance(m, nn.Linear):
+            def post(mod, _args, out, name=name):
+                if isinstance(out, Tensor):
+                    produced.setdefault(_key(out), name)
+                    alive.append(out)
+            handles.append(m.register_forward_hook(post))
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Linear) or (isinstance(w, Tensor) and w.dim() == 2 and not isinstance(m, nn.Embedding)):
+            def pre(mod, args, name=name):
+                if args and isinstance(args[0], Tensor):
+                    reads.append((name, _key(args[0])))
+                    alive.append(args[0])
+            handles.append(m.register_forward_pre_hook(pre))
+    try:
+        with route_all_experts():  # every expert reads the norm's output itself, not its routed rows
+            ref = hidden_out(module(probe.hidden[0], **probe.kwargs[0]))
+    finally:
+        for h in handles:
+            h.remove()
+    order = {name: i for i, (name, _) in enumerate(reads)}
+    by_prev: dict[str, list[str]] = {}
+    for name, key in reads:
+        prev = produced.get(key)
+        if prev is not None and prev != name and name not in by_prev.get(prev, []):
+            by_prev.setdefault(prev, []).append(name)
+    fed = {r for readers in by_prev.values() for r in readers}
+    for name, m in module.named_modules():  # a linear feeding a sibling through a product or attention
+        if not isinstance(m, nn.Linear) or name in fed or name not in order:
+            continue
+        parent = name.rpartition(".")[0]
+        for sib, other in module.named_modules():
+            if (isinstance(other, nn.Linear) and sib != name and sib.rpartition(".")[0] == parent
+                    and other.out_features == m.in_features and sib in order and order[sib] < order[name]
+                    and _exact(module, probe, ref, sib, (name,))):
+                by_prev[sib] = [name]
+                fed.add(name)
+                break
+    groups, skipped = [], {}
+    for prev, readers in sorted(by_prev.items(), key=lambda kv: min(order[r] for r in kv[1])):
+        p = module.get_submodule(prev)
+        if not isinstance(p, nn.Linear) and not _norm_like(p):
+            continue
+        linears = tuple(r for r in readers if isinstance(module.get_submodule(r), nn.Linear))
+        if not linears:
+            continue
+        label = f"{layer.name}.{prev} -> {', '.join(linears)}"
+        if not _exact(module, probe, ref, prev, tuple(readers)):
+            skipped[label] = (f"folding scales into {prev} changes the layer's output (another op reads it, or it is "
+                              "not a per-channel multiple): no exact fold")
+            continue
+        real = layer.module
+        groups.append(Group(real.get_submodule(prev), tuple(f"{layer.name}.{r}" for r in linears),
+                            tuple(real.get_submodule(r) for r in linears),
+                            tuple(real.get_submodule(r) for r in readers if r not in linears)))
+    return tuple(groups), skipped
+
+
+UNCLIPPED = ("q_proj", "k_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "q_a_proj", "q_b_proj",
+             "kv_a_proj_with_mqa")
+"""Linears AWQ's clip search leaves alone in traced architectures, by module name: those producing attention
+queries or keys (clipping them distorts attention scores, as AutoAWQ)."""
+
+
+def layer_groups(layer: Layer, model_type: str | None, probe: LayerInputs | None, method: str
+                 ) -> tuple[tuple[Group, ...], dict[str, str], frozenset[str]]:
+    """One decoder layer's smoothing groups, the ones skipped with the reason, and the linears not to clip: from the
+    table for the architectures it lists, else traced on `probe`."""
+    if model_type in ARCHITECTURES:
+        arch = ARCHITECTURES[model_type]
+        return (*smoothing_groups(layer, arch), unclipped(layer, arch))
+    if probe is None:
+        raise CalqError(f"{method} traces the smoothing groups of {model_type!r} on a calibration sample, and has "
+                        "none; give calibration samples")
+    groups, skipped = traced_groups(layer, probe)
+    keep = frozenset(n for n, m in layer.module.named_modules(prefix=layer.name)
+                     if isinstance(m, nn.Linear) and n.rpartition(".")[2] in UNCLIPPED)
+    return groups, skipped, keep
 
 
 def _width(prev: nn.Module) -> int:

@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quant.calibrate.stats import LayerStats
-from quant.methods.mappings import architecture, check_model, smoothing_groups
+from quant.methods.mappings import check_model, layer_groups
 from quant.methods.step import LayerCall, LayerChange, Method
 from quant.models import fold_scales
 from quant.schema import StrictModel
@@ -49,13 +49,13 @@ def smooth_layer(call: LayerCall) -> LayerChange:
     inputs (X / s), so static activation scales match the smoothed model."""
     cfg: SmoothQuantConfig = call.options
     smoothed = {}
-    groups, skipped = smoothing_groups(call.layer, architecture(call.model_type, "SmoothQuant"))
+    groups, skipped, _ = layer_groups(call.layer, call.model_type, call.probe, "SmoothQuant")
     for group in groups:
         if isinstance(group.prev, nn.Linear) and not cfg.linear_groups:
             continue
         s = smoothing_scales(call.stats[group.names[0]].absmax, [lin.weight for lin in group.linears],
                              cfg.smoothing_strength)
-        fold_scales(group.prev, group.linears, s)
+        fold_scales(group.prev, group.readers, s)
         smoothed.update({name: _divided(call.stats[name], s) for name in group.names})
     return LayerChange(stats=smoothed, skipped=skipped)
 

@@ -44,6 +44,9 @@ class LayerCall:
     """Statistics of the float model's linear inputs (every layer's; empty if the method needs none)."""
     inputs: LayerInputs | None
     """This layer's calibration inputs (methods with a TokenBudget), from the layers before it as changed."""
+    probe: LayerInputs | None = None
+    """One short calibration sample's inputs of this float layer, to trace its smoothing groups on (None without
+    samples)."""
 
 
 @dataclass

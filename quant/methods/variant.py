@@ -148,7 +148,8 @@ class _Variant:
             return calibration_subset(samples, self.spec.config.max_tokens)
         return samples  # propagate="quantized": its statistics come from its own layers
 
-    def visit(self, fp: Layer, inputs: LayerInputs | None, stats: dict[str, LayerStats]) -> list[Tensor] | None:
+    def visit(self, fp: Layer, inputs: LayerInputs | None, stats: dict[str, LayerStats],
+              probe: LayerInputs | None = None) -> list[Tensor] | None:
         layer = Layer(fp.name, copy.deepcopy(fp.module))
         if inputs is not None and self.propagate == "quantized" and self.needs_stats:
             with recording(layer.module, layer.name) as stats:  # on the inputs this variant's layers see
@@ -157,7 +158,7 @@ class _Variant:
         if self.method.transform is not None:
             change = self.method.transform(LayerCall(layer, self.model_type, self.spec.weights,
                                                      self.spec.input_activations, self.spec.ignore, self.spec.config,
-                                                     stats, inputs))
+                                                     stats, inputs, probe))
         self.skipped.update(change.skipped)
         hidden = None
         if inputs is not None and self.propagate == "float":  # GPTQ's layer already holds its dequantized codes

@@ -123,7 +123,16 @@ def test_awq_never_clips_an_ignored_linear(tiny_model):
             assert changed == name.endswith("up_proj"), name
 
 
-def test_unknown_architecture_is_a_clear_error():
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(CalqError, match="'gpt2'.*llama"):
-        awq(model, [torch.arange(8)], G128)
+def test_awq_folds_scales_on_an_architecture_outside_the_table():
+    """GPT-2 (Conv1D projections, LayerNorms with bias) has no table entry: its groups are traced, and AWQ without
+    clipping folds its scales exactly (the function is kept, ln_1 changed); without samples it says what it needs."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    ids = torch.arange(12, device="cpu")[None]
+    ref = model(ids).logits
+    folded = awq(model, _ids(64, (16, 16), seed=0), WeightScheme(num_bits=4, group_size=32, symmetric=False),
+                 clip=False)
+    torch.testing.assert_close(folded(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(folded.transformer.h[0].ln_1.weight, model.transformer.h[0].ln_1.weight)
+    with pytest.raises(CalqError, match="need calibration samples"):
+        awq(model, [], G128)
