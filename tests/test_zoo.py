@@ -153,7 +153,7 @@ def test_methods_recalibration_lens_sequential_and_exports(zoo, tokenizer, tmp_p
     for fmt in ("compressed-tensors", "awq", "gguf"):
         found = export_problems(fmt, results["w4"].spec, shapes, results["w4"].model.config)
         if found:
-            assert all("\n" not in p and "use" in p for p in found), found
+            assert all("\n" not in p and "; " in p for p in found), found  # one line: the reason; the fix
             with pytest.raises(CalqError):
                 export(tmp_path / "w4", ExportConfig(format=fmt), tmp_path / fmt)
         else:

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import inspect
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,18 +218,26 @@ class Resident:
 
 
 class _Checkpoint:
-    """A safetensors checkpoint directory (one file or sharded with an index), read tensor by tensor."""
+    """A safetensors checkpoint directory (one file or sharded with an index), read tensor by tensor, its keys renamed
+    as transformers renames them at load (`renames`: its WeightRenaming patterns, e.g. GPT-NeoX's embed_out)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, renames: list[tuple[str, str]] = ()) -> None:
         index = path / "model.safetensors.index.json"
         if index.exists():
-            self.files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            stored = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         elif (path / "model.safetensors").exists():
             with safe_open(path / "model.safetensors", "pt") as f:
-                self.files = dict.fromkeys(f.keys(), path / "model.safetensors")
+                stored = dict.fromkeys(f.keys(), path / "model.safetensors")
         else:
             raise CalqError(f"{path} has no model.safetensors; sequential calibration streams layers from a "
                             "safetensors checkpoint (save the model with save_pretrained first)")
+        self.files: dict[str, tuple[Path, str]] = {}
+        """Model-side key -> (file, key in the file)."""
+        for key, file in stored.items():
+            name = key
+            for source, target in renames:
+                name = re.sub(source, target, name)
+            self.files[name] = (file, key)
 
     def load(self, model: nn.Module, names: list[str], device: str, converted: dict[str, str] | None = None) -> None:
         """Replace the (meta) tensors of `model` by the checkpoint's `names`, in the model's dtypes; `converted`:
@@ -240,15 +249,27 @@ class _Checkpoint:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name in self.files:
-                by_file.setdefault(self.files[name], []).append(name)
+                by_file.setdefault(self.files[name][0], []).append(name)
         tensors = {}
         for file, keys in by_file.items():
             with safe_open(file, "pt", device=device) as f:
-                tensors.update({k: f.get_tensor(k) for k in keys})
+                tensors.update({k: f.get_tensor(self.files[k][1]) for k in keys})
         if converted:
             tensors = checkpoint_tensors(converted, model, "", tensors)
         model.load_state_dict({k: t.to(current[k].dtype) for k, t in tensors.items() if k in current},
                               strict=False, assign=True)
+
+
+def _renames(model: nn.Module) -> list[tuple[str, str]]:
+    """transformers' key renamings for this model (by model type and class), as (pattern, replacement) pairs."""
+    from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
+
+    found = []
+    for key in (model.config.model_type, type(model).__name__):
+        for rule in get_checkpoint_conversion_mapping(key) or []:
+            if isinstance(rule, WeightRenaming):
+                found += list(zip(rule.source_patterns, rule.target_patterns))
+    return found
 
 
 class Streamed(Resident):
@@ -260,9 +281,9 @@ class Streamed(Resident):
         if not path.is_dir():
             raise CalqError(f"sequential calibration needs a local checkpoint directory, got {source.source!r}; "
                             "download the model (huggingface-cli download) and point model.source at it")
-        self.ckpt = _Checkpoint(path)
         with torch.device("cpu"), init_empty_weights():  # parameters on meta, buffers (rotary frequencies) on CPU
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=source.torch_dtype)
+        self.ckpt = _Checkpoint(path, _renames(model))
         super().__init__(model.eval().requires_grad_(False))
         self.device, self.home = torch.device(device) if device else source.torch_device, torch.device("cpu")
 

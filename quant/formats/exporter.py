@@ -22,6 +22,7 @@ from quant.formats.checkpoint import write_manifest
 from quant.errors import CalqError
 from quant.formats.source import ExportSource, Shapes
 from quant.methods import QuantSpec
+from quant.models import converted_kinds
 from quant.schema import StrictModel
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,16 @@ load from the config alone and again before writing) and `write(source, dtype, o
 
 
 def export_problems(fmt: Format, spec: QuantSpec, shapes: Shapes, config) -> list[str]:
-    return FORMATS[fmt].problems(spec, shapes, config)
+    kinds, found = converted_kinds(config), []
+    if "Conv1D" in kinds:  # measured: transformers loads a GPT-2 export without complaint, logits 0.42 off
+        found.append(f"{fmt} export of {config.model_type}: calq quantizes its Conv1D projections as nn.Linear "
+                     "([out, in]) but runtimes build them as Conv1D ([in, out]), so the export would compute wrong "
+                     "logits; use calq's own checkpoint (quant.load)")
+    if "experts" in kinds:  # measured: transformers 5.17 fails to fuse per-expert quantized tensors at load
+        found.append(f"{fmt} export of MoE experts ({config.model_type}): transformers cannot load per-expert "
+                     "quantized experts into its fused 3-D experts, and calq has not verified vLLM's loader; use "
+                     "calq's own checkpoint (quant.load)")
+    return found + FORMATS[fmt].problems(spec, shapes, config)
 
 
 class ExportConfig(StrictModel):

@@ -131,9 +131,9 @@ def linearize(module: nn.Module, prefix: str = "") -> dict[str, str]:
     return dict(converted)
 
 
-HUB_NAMES = ((re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
-             (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
-             (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
+HUB_NAMES = ((re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
+             (re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
+             (re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
              (re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate."))
 """Mixtral's hub names (which transformers 5 still writes with save_pretrained) -> the linearized module names. The
 other MoE models transformers ships save experts.<e>.gate_proj/up_proj/down_proj, linearize's names already."""
@@ -163,3 +163,20 @@ def checkpoint_tensors(converted: dict[str, str], module: nn.Module, prefix: str
                 out[f"{name}.{e}.up_proj.weight"] = gate_up[e, inter:].contiguous()
                 out[f"{name}.{e}.down_proj.weight"] = down[e].contiguous()
     return out
+
+
+_KINDS: dict[str, frozenset[str]] = {}
+
+
+def converted_kinds(config) -> frozenset[str]:
+    """Which layouts linearize converts in models of `config` ("Conv1D", "experts"), read off a meta skeleton (cached
+    per model type): what exporters check, since runtimes load those layouts in their original form."""
+    if config.model_type not in _KINDS:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        kinds = {"Conv1D" if what.startswith("Conv1D") else "experts" for what in linearize(model).values()}
+        _KINDS[config.model_type] = frozenset(kinds)
+    return _KINDS[config.model_type]

@@ -365,3 +365,21 @@ def test_fp8_round_trips_and_exports_float_quantized_for_vllm(tmp_path, tokenize
     for fmt, match in (("gguf", "no FP8 weight type"), ("awq", "group-wise int4")):
         with pytest.raises(CalqError, match=match):
             export(tmp_path / "models" / "fp8", ExportConfig(format=fmt), tmp_path / fmt)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen3_moe"])
+def test_exports_of_converted_layouts_are_refused_in_one_line(model_type, tokenizer, tmp_path):
+    """GPT-2's Conv1D (a compressed-tensors export loaded in transformers without complaint, logits 0.42 off) and
+    per-expert MoE weights (transformers fails to fuse them): refused, each in one line with the alternative."""
+    from quant.calibrate.walker import Resident
+    from quant.methods import quantize_variants
+    from tests.test_zoo import G32, _samples, tiny
+
+    model = tiny(model_type, len(tokenizer))
+    _, res = quantize_variants(Resident(model), _samples(len(tokenizer)), [QuantSpec(name="w4", weights=G32)])
+    save_quantized(res["w4"], tokenizer, tmp_path / "w4")
+    for fmt in ("compressed-tensors", "awq"):
+        with pytest.raises(CalqError, match="use calq's own checkpoint") as err:
+            export(tmp_path / "w4", ExportConfig(format=fmt), tmp_path / fmt)
+        assert "\n" not in str(err.value)
+        assert not (tmp_path / fmt).exists()
