@@ -59,6 +59,10 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+"""Qwen2's pre-tokenizer regex (single digits), llama.cpp's "qwen2"."""
+
+
 def gguf_pre_tokenizer(tokenizer) -> str:
     """llama.cpp's name (tokenizer.ggml.pre, see its llama-vocab.cpp) for the tokenizer's pre-tokenizer: it picks
     the regex llama.cpp splits text with before BPE, so a wrong name tokenizes prompts differently."""
@@ -72,6 +76,9 @@ def gguf_pre_tokenizer(tokenizer) -> str:
     if (shape == ["Split", "ByteLevel"] and steps[0]["pattern"].get("Regex") == LLAMA3_SPLIT
             and not steps[1]["use_regex"]):
         return "llama-bpe"
+    if (shape == ["Split", "ByteLevel"] and steps[0]["pattern"].get("Regex") == QWEN2_SPLIT
+            and not steps[1]["use_regex"]):
+        return "qwen2"
     raise CalqError(f"GGUF export knows no llama.cpp pre-tokenizer for this tokenizer's {' + '.join(shape)}; "
                     "export to compressed-tensors instead, or convert with llama.cpp's convert_hf_to_gguf.py")
 
@@ -80,8 +87,20 @@ ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 """RoPE variants the export writes in llama.cpp's terms; others (dynamic NTK, longrope, ...) are refused."""
 
 
+def rope_parameters(config) -> dict:
+    """The global attention layers' RoPE parameters (Gemma3 keeps one set per layer type)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get("full_attention", rope)
+
+
 def rope_type(config) -> str:
-    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    return rope_parameters(config).get("rope_type", "default")
+
+
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+"""Model type -> llama.cpp architecture, as llama.cpp's convert_hf_to_gguf.py maps them (Mistral runs as llama).
+Only the llama architecture permutes q/k rows to interleaved rotary pairs; llama.cpp's qwen2/qwen3/gemma3 graphs
+use the NeoX layout Hugging Face stores. Gemma3's norms are written as 1 + w (llama.cpp multiplies by w)."""
 
 
 def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
@@ -90,9 +109,12 @@ def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
     found = []
     if spec.weights.type == "float":
         found.append("llama.cpp has no FP8 weight type; export FP8 to compressed-tensors (vLLM)")
-    if config.model_type != "llama":
-        found.append(f"GGUF export writes the llama architecture; this model is {config.model_type!r}: use --format "
-                     "compressed-tensors")
+    if config.model_type not in ARCHITECTURES:
+        found.append(f"GGUF export writes {', '.join(ARCHITECTURES)}; this model is {config.model_type!r}: use "
+                     "--format compressed-tensors")
+    elif config.model_type == "gemma3_text" and config.query_pre_attn_scalar != config.head_dim:
+        found.append(f"llama.cpp's gemma3 scales attention by 1/sqrt(head_dim {config.head_dim}), this model by "
+                     f"1/sqrt({config.query_pre_attn_scalar}); use --format compressed-tensors")
     if rope_type(config) not in ROPE_TYPES:
         found.append(f"GGUF export cannot write RoPE scaling {rope_type(config)!r} (writes {', '.join(ROPE_TYPES)}); "
                      "use --format compressed-tensors")
@@ -113,14 +135,14 @@ def llama3_rope_factors(config) -> Tensor:
 
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     exponents = torch.arange(0, len(scaled) * 2, 2, device="cpu").double() / (2 * len(scaled))
-    default = config.rope_parameters["rope_theta"] ** -exponents
+    default = rope_parameters(config)["rope_theta"] ** -exponents
     return (default / scaled.double()).float()
 
 
 def _write_rope(writer, config, kind: str) -> None:
     import gguf
 
-    rope = config.rope_parameters
+    rope = rope_parameters(config)
     if kind in ("linear", "yarn"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else
                                      gguf.RopeScalingType.YARN)
@@ -163,7 +185,7 @@ def _gguf_vocab(writer, tokenizer, directory: Path, vocab_size: int) -> None:
 
 
 def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
-    """A llama-architecture GGUF: quantized layers as our own codes in llama.cpp blocks (see _gguf_blocks); norms
+    """A GGUF of the model's llama.cpp architecture (ARCHITECTURES): quantized layers as our own codes in llama.cpp blocks (see _gguf_blocks); norms
     F32, other full-precision tensors in `dtype`."""
     import gguf
 
@@ -174,8 +196,11 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
                   torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    writer = gguf.GGUFWriter(out / "model.gguf", "llama")
+    arch = ARCHITECTURES[cfg.model_type]
+    names = gguf.get_tensor_name_map({"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+                                      "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma3": gguf.MODEL_ARCH.GEMMA3}[arch],
+                                     cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(out / "model.gguf", arch)
     writer.add_name(src.info.spec.name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -186,9 +211,11 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(float(rope_parameters(cfg)["rope_theta"]))
     _write_rope(writer, cfg, rope)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "gemma3" and getattr(cfg, "sliding_window", None):
+        writer.add_sliding_window(cfg.sliding_window)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if bits == 8 else
                          gguf.LlamaFileType.MOSTLY_Q4_0 if sym else gguf.LlamaFileType.MOSTLY_Q4_1)
@@ -215,8 +242,10 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
             data, raw_dtype = w.float().numpy(), None
         else:
             data, raw_dtype = gguf.quants.quantize(w.float().numpy(), float_type), float_type
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             data = permute_rope(data, heads if "q_proj" in hf_name else kv_heads)  # rows, so packed blocks too
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp's gemma3 norms multiply by the stored weight
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -383,3 +383,38 @@ def test_exports_of_converted_layouts_are_refused_in_one_line(model_type, tokeni
             export(tmp_path / "w4", ExportConfig(format=fmt), tmp_path / fmt)
         assert "\n" not in str(err.value)
         assert not (tmp_path / fmt).exists()
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_gguf_of_each_llama_cpp_architecture_loads_back_in_transformers(model_type, tokenizer, tmp_path):
+    """Mistral as llama (q/k permuted), qwen2, qwen3 and gemma3 under their own architecture keys (NeoX rotary
+    layout kept; Gemma3's norms stored as 1 + w): transformers' GGUF loader reads each back to our logits."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    extra = {"sliding_window": 64, "query_pre_attn_scalar": 24} if model_type == "gemma3_text" else {}
+    shape = dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    if model_type == "qwen3":  # transformers' GGUF loader leaves qwen3's head_dim at its default, 128
+        shape = dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1, head_dim=128)
+    if model_type == "gemma3_text":  # ... and gemma3's query_pre_attn_scalar at 256 (llama.cpp: head_dim)
+        shape = dict(hidden_size=256, num_attention_heads=1, num_key_value_heads=1, head_dim=256)
+        extra["query_pre_attn_scalar"] = 256
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), intermediate_size=160, num_hidden_layers=2,
+                               max_position_embeddings=512, **shape, **extra)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms and biases away from their defaults, so a wrong +1 or permutation shows
+                p.add_(torch.rand(p.shape, device="cpu") * 0.5)
+    result = quantize_variant(model, SPECS["w8a8"])
+    save_quantized(result, tokenizer, tmp_path / "w8")
+    out = export(tmp_path / "w8", ExportConfig(format="gguf"), tmp_path / "gguf").out
+    reader = gguf.GGUFReader(out / "model.gguf")
+    arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(model_type, model_type)
+    assert reader.get_field("general.architecture").contents() == arch
+    assert reader.get_field(f"{arch}.block_count").contents() == 2
+    theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    ours, _ = quant.load(tmp_path / "w8", device="cpu")
+    ids = _ids(tokenizer)
+    ref = ours(ids).logits
+    torch.testing.assert_close(theirs(ids).logits, ref, rtol=0, atol=3e-2 * (1 + ref.abs().max().item()))
