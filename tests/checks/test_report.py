@@ -104,3 +104,14 @@ def test_the_report_shows_skipped_work_and_a_temperature_at_its_bound(tiny_run):
     (path, count), = report["kernels"]["paths"]["w4"].items()
     assert path.startswith("w4a16: CPU ") and count == 14 and "CPU kernels: capability" in report["kernels"]["cpu"]
     assert "## Kernels" in text
+
+
+def test_the_report_has_a_coverage_line_naming_what_was_kept(tiny_run):
+    """Share of matmul weights quantized: the tiny llama's decoder linears (2 x 73,728 weights) of those plus its
+    lm_head (338 x 96, kept by the recipe's ignore), and the kept one named with its reason."""
+    report = json.loads((tiny_run.run_dir / "report.json").read_text())
+    line = report["evaluation"]["w4"]["coverage"]
+    assert line.startswith(f"{2 * 73728 / (2 * 73728 + 338 * 96):.1%} of matmul weights quantized (147,456 of 179,904)")
+    assert "1 kept: ignored by recipe" in line
+    md = (tiny_run.run_dir / "report.md").read_text()
+    assert "## Coverage (matmul weights quantized)" in md and f"- w4: {line}" in md
