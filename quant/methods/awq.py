@@ -22,7 +22,7 @@ from torch import Tensor
 
 from quant.calibrate.capture import input_sites
 from quant.methods.mappings import check_model, layer_groups
-from quant.methods.quantizer import is_ignored
+from quant.methods.quantizer import is_ignored, unreached
 from quant.methods.schemes import Codes, WeightScheme, fake_quantize, grouped, quantize_weight
 from quant.methods.step import LayerCall, LayerChange, Method, TokenBudget
 from quant.models import fold_scales
@@ -128,7 +128,7 @@ def awq_layer(call: LayerCall) -> LayerChange:
                     clip = best_clip(lin.weight, site.gram, call.weights, cfg.clip_grid, cfg.max_shrink)
                     codes[name] = Codes(*quantize_weight(lin.weight, call.weights, clip))
                     lin.weight.copy_(clip_weight(lin.weight, call.weights, clip))
-    return LayerChange(codes=codes, skipped=skipped)
+    return LayerChange(codes=codes, skipped={**skipped, **unreached(call.layer, sites, call.ignore)})
 
 
 METHOD = Method("awq", AWQConfig, awq_layer, check_model=lambda model: check_model(model, "AWQ"))

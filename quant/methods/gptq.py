@@ -23,7 +23,7 @@ from torch import Tensor
 
 from quant.calibrate.capture import input_sites
 from quant.errors import CalqError
-from quant.methods.quantizer import is_ignored
+from quant.methods.quantizer import is_ignored, unreached
 from quant.methods.schemes import Codes, WeightScheme, code_range, quantize_weight
 from quant.methods.step import LayerCall, LayerChange, Method, TokenBudget
 
@@ -92,7 +92,8 @@ def gptq_layer(call: LayerCall) -> LayerChange:
     weights become the codes dequantized, in place, so the next layer is calibrated on quantized outputs."""
     cfg: GPTQConfig = call.options
     codes: dict[str, Codes] = {}
-    for site in input_sites(call.layer, call.inputs.hidden, call.inputs.kwargs):
+    sites = input_sites(call.layer, call.inputs.hidden, call.inputs.kwargs)
+    for site in sites:
         chosen = [(name, lin) for name, lin in zip(site.names, site.linears) if not is_ignored(name, call.ignore)]
         if not chosen:
             continue
@@ -103,7 +104,7 @@ def gptq_layer(call: LayerCall) -> LayerChange:
             codes[name] = stacked.rows(rows, rows + lin.out_features)
             rows += lin.out_features
             lin.weight.copy_(codes[name].dequantize(call.weights.group_size).to(lin.weight.dtype))
-    return LayerChange(codes=codes)
+    return LayerChange(codes=codes, skipped=unreached(call.layer, sites, call.ignore))
 
 
 METHOD = Method("gptq", GPTQConfig, gptq_layer)

@@ -189,6 +189,18 @@ def quantize_linears(module: nn.Module, weights: WeightScheme, activations: ActS
     return done
 
 
+UNREACHED = "no calibration token reached it: min-max from its weights alone"
+"""What a calibrating method (AWQ, GPTQ) does with a linear its layer's forward never ran (counted in the report)."""
+
+
+def unreached(layer, sites, ignore: tuple[str, ...]) -> dict[str, str]:
+    """The linears of `layer` no calibration input reached (in no Site), not ignored: the quantizer rounds them min-max
+    from their weights, and this says so."""
+    seen = {name for site in sites for name in site.names}
+    return {name: UNREACHED for name, m in layer.module.named_modules(prefix=layer.name)
+            if isinstance(m, nn.Linear) and name not in seen and not is_ignored(name, ignore)}
+
+
 @dataclass(frozen=True)
 class Coverage:
     """How much of a model's matrix-product weights (elements) a variant quantized, and each one it kept."""

@@ -87,3 +87,28 @@ def test_gptq_leaves_the_input_model_alone(tiny_model, tokenizer):
     quantize_variant(tiny_model, QuantSpec(name="g", method="gptq", scheme="W4A16"),
                      samples=[torch.arange(20) % len(tokenizer)])
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_a_linear_no_token_reaches_is_rounded_min_max_and_counted(tokenizer):
+    """A linear the layer's forward never runs (as an expert no token reaches would be without all-expert
+    calibration): GPTQ and AWQ leave it to min-max rounding from its weights, and say so; never NaN."""
+    from transformers import AutoModelForCausalLM
+
+    from quant.methods import QuantLinear, QuantSpec, quantize_variant
+    from quant.methods.quantizer import UNREACHED
+    from quant.methods.schemes import quantize_weight
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32).eval()
+    model.model.layers[0].mlp.spare = torch.nn.Linear(96, 32, bias=False)  # never called by the forward
+    samples = [torch.randint(0, len(tokenizer), (16,), device="cpu") for _ in range(2)]
+    weights = {"num_bits": 4, "group_size": 32, "symmetric": False}
+    for method in ("gptq", "awq"):
+        spec = QuantSpec(name=method, weights=weights, method=method, options={"max_tokens": 32})
+        result = quantize_variant(model, spec, samples=samples)
+        assert result.skipped.get("model.layers.0.mlp.spare") == UNREACHED
+        q = result.model.model.layers[0].mlp.spare
+        assert isinstance(q, QuantLinear) and torch.isfinite(q.scales).all()
+        _, scale, _ = quantize_weight(model.model.layers[0].mlp.spare.weight, spec.weights)
+        torch.testing.assert_close(q.scales.float(), scale.float())
