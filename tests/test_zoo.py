@@ -60,7 +60,7 @@ def tiny(model_type: str, vocab: int):
     return model.eval().requires_grad_(False)
 
 
-def _samples(vocab: int, n: int = 2, length: int = 16) -> list[torch.Tensor]:
+def calibration_ids(vocab: int, n: int = 2, length: int = 16) -> list[torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(1)
     return [torch.randint(0, vocab, (length,), generator=g, device="cpu") for _ in range(n)]
 
@@ -86,7 +86,7 @@ def _check_coverage(result, model_type: str) -> None:
 @pytest.fixture(params=TYPES)
 def zoo(request, tokenizer):
     model = tiny(request.param, len(tokenizer))
-    return request.param, model, _samples(len(tokenizer))
+    return request.param, model, calibration_ids(len(tokenizer))
 
 
 def test_statistics_min_max_w4_w8a8_and_save_load(zoo, tokenizer, tmp_path):

@@ -373,10 +373,10 @@ def test_exports_of_converted_layouts_are_refused_in_one_line(model_type, tokeni
     per-expert MoE weights (transformers fails to fuse them): refused, each in one line with the alternative."""
     from quant.calibrate.walker import Resident
     from quant.methods import quantize_variants
-    from tests.test_zoo import G32, _samples, tiny
+    from tests.test_zoo import G32, calibration_ids, tiny
 
     model = tiny(model_type, len(tokenizer))
-    _, res = quantize_variants(Resident(model), _samples(len(tokenizer)), [QuantSpec(name="w4", weights=G32)])
+    _, res = quantize_variants(Resident(model), calibration_ids(len(tokenizer)), [QuantSpec(name="w4", weights=G32)])
     save_quantized(res["w4"], tokenizer, tmp_path / "w4")
     for fmt in ("compressed-tensors", "awq"):
         with pytest.raises(CalqError, match="use calq's own checkpoint") as err:
