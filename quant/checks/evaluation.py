@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -28,15 +28,16 @@ from transformers import PreTrainedTokenizerBase
 from quant.confidence import metrics
 from quant.confidence.lens import LensConfig
 from quant.confidence.recalibrate import Models, forward_groups
+from quant.checks.scoring import LETTERS, SUMMARY, Predictions, choice_predictions, letter_probabilities, letter_token_ids
+from quant.checks.tasks import collect_tasks
 from quant.data import MCItem, load_documents, load_mmlu, special_prefix
+from quant.data.tasks import TaskConfig, load_task
 from quant.errors import CalqError
 from quant.schema import StrictModel
 
-LETTERS = "ABCD"
-SUMMARY = ("n", "accuracy", "mean_confidence", "ece", "ece_mass", "mce", "auroc", "aurc", "selective_coverage",
-           "selective_accuracy", "nll", "brier")
 METRICS = {"text": (*SUMMARY, "perplexity", "kl_to_reference", "top1_agreement"), "mmlu": SUMMARY}
-"""Every metric the evaluation reports, by section: what a gate rule may name (checked when the recipe loads)."""
+"""Every metric the evaluation reports, by section: what a gate rule may name (checked when the recipe loads). Task
+sections (`task.<name>`) have theirs in quant.checks.tasks.task_sections, checked against the recipe's tasks."""
 REFERENCE = "fp"
 """The name of the full-precision model among the evaluated ones: what KL, agreement and gates compare against."""
 
@@ -73,29 +74,15 @@ class EvalConfig(StrictModel):
     0 prepares each weight on every call (slow, no memory)."""
     logit_lens: LensConfig | None = None
     """Layer-wise calibration (quant/confidence/lens.py) on a few evaluation windows; null skips it."""
+    tasks: tuple[TaskConfig, ...] = ()
+    """The user's own tasks (quant/data/tasks.py), each reported and gated as task.<name>.<metric>."""
 
-
-@dataclass
-class Predictions:
-    """Raw per-item arrays of one model on one kind of data (text tokens or MMLU items): everything its
-    metrics, intervals and plots are reduced from."""
-
-    confidence: np.ndarray
-    correct: np.ndarray
-    prediction: np.ndarray
-    """Predicted class: token id (text) or answer letter index (MMLU)."""
-    cluster: np.ndarray
-    """Bootstrap resampling unit of each item: its window (text) or the item itself (MMLU)."""
-    values: dict[str, np.ndarray] = field(default_factory=dict)
-    """Per-item quantities reported as their mean: nll, brier, kl_to_reference, top1_agreement."""
-
-    @classmethod
-    def concatenate(cls, parts: list[Predictions]) -> Predictions:
-        """Join shards (in order); cluster ids are offset so clusters of different shards stay distinct."""
-        offsets = np.cumsum([0] + [int(p.cluster.max()) + 1 if len(p.cluster) else 0 for p in parts[:-1]])
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("confidence", "correct", "prediction")),
-                   np.concatenate([p.cluster + o for p, o in zip(parts, offsets)]),
-                   {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values})
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> EvalConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation.tasks names must be unique (got {names})")
+        return self
 
 
 @dataclass(frozen=True)
@@ -122,6 +109,22 @@ class ModelEval:
     (the same resampled windows / items for both models); empty for the reference itself."""
     token_predictions: Predictions | None = None
     mmlu_predictions: Predictions | None = None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Metrics of each task section (`facts`, `facts.mean_token`, ...: the section without its `task.` prefix)."""
+    task_predictions: dict[str, Predictions] = field(default_factory=dict)
+
+    def section(self, section: str) -> dict[str, float]:
+        """The metrics of a report section: `text`, `mmlu` or `task.<name>[.mean_token]`."""
+        if section.startswith("task."):
+            return self.tasks.get(section.removeprefix("task."), {})
+        return getattr(self, section)
+
+
+def split_metric(metric: str) -> tuple[str, str]:
+    """(section, metric name) of a dotted metric: `text.ece` -> (text, ece), `task.qa.mean_token.ece` ->
+    (task.qa.mean_token, ece)."""
+    section, _, name = metric.rpartition(".") if metric.startswith("task.") else metric.partition(".")
+    return section, name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,45 +224,14 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig) -> None
         letter_token_ids(tokenizer, templated(tokenizer, cfg.mmlu.chat_template))
 
 
-def letter_token_ids(tokenizer: PreTrainedTokenizerBase, use_template: bool) -> list[int]:
-    """Token id of each answer letter as it follows the prompt."""
-    ids = []
-    for letter in LETTERS:
-        toks = tokenizer.encode(letter if use_template else f" {letter}", add_special_tokens=False)
-        if len(toks) != 1:
-            raise CalqError(f"the tokenizer splits answer letter {letter!r} into {len(toks)} tokens; "
-                            "MMLU letter scoring needs single-token letters (set evaluation.mmlu: null)")
-        ids.append(toks[0])
-    return ids
-
-
-@torch.inference_mode()
 def mmlu_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
-               cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+                       cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
     """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
     batch from rank (the other rows stay 0), so processes share the work with the same batches."""
     use_template = templated(tokenizer, cfg.chat_template)
-    letters = letter_token_ids(tokenizer, use_template)
     encoded = [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template), use_template) for it in items]
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    probs = {name: np.zeros((len(items), len(LETTERS))) for name in models}
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][shard[0]::shard[1]]
-    groups = forward_groups(models)
-    for batch in tqdm(batches, desc="eval mmlu", unit="batch"):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long, device="cpu")  # token ids: host data
-        mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
-        for row, i in enumerate(batch):  # left padding: the answer position is the last column
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], device="cpu")
-            mask[row, width - len(encoded[i]):] = 1
-        for model, views in groups:
-            dev = next(model.parameters()).device
-            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
-            z = out.logits[:, -1, letters].float().cpu()
-            for name, temperature in views:
-                probs[name][batch] = (z / temperature).softmax(-1).numpy()
-    return probs
+    return letter_probabilities(models, tokenizer, encoded, letter_token_ids(tokenizer, use_template),
+                                [len(LETTERS)] * len(items), cfg.batch_size, "eval mmlu", shard)
 
 
 def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
@@ -269,15 +241,7 @@ def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list
 
 
 def mmlu_predictions(probs: dict[str, np.ndarray], items: list[MCItem]) -> dict[str, Predictions]:
-    labels = np.array([it.answer for it in items])
-    rows = np.arange(len(items))
-    out = {}
-    for name, p in probs.items():
-        p_true = p[rows, labels]
-        out[name] = Predictions(p.max(1), p.argmax(1) == labels, p.argmax(1), rows,
-                                {"nll": -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0)),
-                                 "brier": (p * p).sum(1) - 2 * p_true + 1})
-    return out
+    return choice_predictions(probs, np.array([it.answer for it in items]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,13 +287,15 @@ def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, refe
     """Metrics of every model from collected predictions ({"text": {model: ...}, "mmlu": {model: ...}})."""
     names = list(predictions["text"])
     results = {name: ModelEval() for name in names}
-    for kind, section in (("text", "text"), ("mmlu", "mmlu")):
-        if kind not in predictions:
-            continue
-        for name, (points, intervals, changes) in _reduce_kind(predictions[kind], cfg, reference,
-                                                                perplexity=kind == "text").items():
+    for section, preds in predictions.items():
+        for name, (points, intervals, changes) in _reduce_kind(preds, cfg, reference,
+                                                                perplexity=section == "text").items():
             r = results[name]
-            setattr(r, section, points)
+            if section.startswith("task."):
+                r.tasks[section.removeprefix("task.")] = points
+                r.task_predictions[section.removeprefix("task.")] = preds[name]
+            else:
+                setattr(r, section, points)
             r.intervals.update({f"{section}.{k}": v for k, v in intervals.items()})
             r.vs_reference.update({f"{section}.{k}": v for k, v in changes.items()})
     for name, r in results.items():
@@ -355,4 +321,5 @@ def evaluate(models: Models, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig
     if cfg.mmlu is not None:
         items = stratified_items(load_mmlu("report"), cfg.mmlu.per_subject, cfg.mmlu.seed)
         predictions["mmlu"] = collect_mmlu(models, tokenizer, items, cfg.mmlu)
+    predictions.update(collect_tasks(models, tokenizer, [load_task(t) for t in cfg.tasks]))
     return reduce(predictions, cfg, reference)

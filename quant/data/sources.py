@@ -57,8 +57,8 @@ from quant.errors import CalqError
 from quant.files import (WheelFile, atomic_path, cache_dir, fetch_wheel_file, sha256_file, verify_sidecar,
                          write_sidecar)
 
-__all__ = ["Document", "MCItem", "SplitName", "load_documents", "load_mmlu", "source_fingerprint", "source_names",
-           "split_of"]
+__all__ = ["Document", "MCItem", "SplitName", "load_documents", "load_mmlu", "read_table", "source_fingerprint",
+           "source_names", "split_of"]
 
 SplitName = Literal["calibration", "evaluation"]
 SPLITS: tuple[str, ...] = ("calibration", "evaluation")
@@ -421,20 +421,28 @@ def _read_txt(path: Path, source: str) -> list[Document]:
     return docs
 
 
-def _read_table(path: Path, source: str) -> list[Document]:
+def read_table(path: Path):
+    """A local .jsonl/.json/.csv/.parquet file as a `datasets.Dataset` (one reader for text sources and task files),
+    cached under the calq cache; an unreadable file is a one-line CalqError."""
     import datasets
 
-    builder = "parquet" if path.suffix.lower() == ".parquet" else "json"
+    suffix = path.suffix.lower()
+    builder = {".parquet": "parquet", ".csv": "csv"}.get(suffix, "json")
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
-                                   cache_dir=str(cache_dir() / "hf-datasets"))
+        return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
+                                     cache_dir=str(cache_dir() / "hf-datasets"))
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise CalqError(f"could not read {path} as {builder}: {type(exc).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CalqError(f"could not read {path} as {builder}: {type(exc).__name__}: {first}") from exc
     finally:
         if bars:
             datasets.enable_progress_bars()
+
+
+def _read_table(path: Path, source: str) -> list[Document]:
+    ds = read_table(path)
     if "text" not in ds.column_names:
         raise CalqError(f"{path} has no 'text' column; columns present: {', '.join(ds.column_names) or '(none)'}")
     texts = list(ds["text"])
