@@ -143,7 +143,10 @@ def load_recipe(path: str | Path) -> Recipe:
     except ValidationError as err:
         raise CalqError(_error_line(err, path)) from err
     for task in recipe.evaluation.tasks:  # every task file read and checked before any model loads
-        load_task(task)
+        try:
+            load_task(task)
+        except CalqError as err:
+            raise CalqError(f"{path}: {err}") from err
     found = model_problems(recipe)
     if found:
         raise CalqError(f"{path}: " + "; ".join(found))

@@ -11,7 +11,7 @@ import quant
 from quant.cli import main
 from quant.formats.checkpoint import checkpoint_info
 from tests.conftest import _corpus, tiny_config
-from tests.evaluate.test_report import tiny_run  # noqa: F401  (fixture)
+from tests.checks.test_report import tiny_run  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

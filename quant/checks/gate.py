@@ -45,7 +45,7 @@ class GateRule(StrictModel):
         if len(given) != 1:
             raise ValueError(f"gate on {self.metric!r} needs exactly one of {', '.join(BOUNDS)} (got {given or 'none'})")
         section, name = split_metric(self.metric)
-        if section.startswith("task."):  # the recipe checks the task exists and reports this metric
+        if self.metric.startswith("task."):  # the recipe checks the task exists and reports this metric
             if not re.fullmatch(rf"task\.{TASK_NAME}(\.{MEAN_TOKEN})?", section) or not name:
                 raise ValueError(f"gate metric {self.metric!r}: task gates are task.<name>.<metric> "
                                  f"(or task.<name>.{MEAN_TOKEN}.<metric> for free text)")

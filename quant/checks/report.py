@@ -22,8 +22,11 @@ def _fmt(v, digits: int = 4) -> str:
 def _interval(e: dict, key: str, digits: int = 4) -> str:
     """`point [low, high]` from the evaluation's bootstrap intervals (the point alone when there is none)."""
     est = e.get("intervals", {}).get(key)
-    section, _, name = key.partition(".")
     if est is None:
+        if key.startswith("task."):
+            section, _, name = key.removeprefix("task.").rpartition(".")
+            return _fmt(e["tasks"].get(section, {}).get(name), digits)
+        section, _, name = key.partition(".")
         return _fmt(e[section].get(name), digits)
     return f"{est['value']:.{digits}f} [{est['low']:.{digits}f}, {est['high']:.{digits}f}]"
 
@@ -41,6 +44,30 @@ def _recalibration(report: dict) -> list[str]:
         bound = " (at the search bound)" if fit.get("at_bound") else ""
         lines.append(f"| {name} | {fit['method']} | {fit['temperature']:.3f}{bound} | {fit['positions']} | "
                      f"{_interval(before, 'text.ece')} | {_interval(after, 'text.ece')} | {mmlu[0]} | {mmlu[1]} |")
+    return lines
+
+
+TASK_ROWS = (("accuracy", "accuracy"), ("acc (summed log-likelihood)", "acc"), ("acc_norm (per character)", "acc_norm"),
+             ("mean confidence", "mean_confidence"), ("ECE", "ece"), ("ECE (equal-mass)", "ece_mass"), ("MCE", "mce"),
+             ("Brier", "brier"), ("NLL", "nll"), ("AUROC", "auroc"), ("AURC", "aurc"),
+             ("selective accuracy", "selective_accuracy"), ("selective coverage", "selective_coverage"),
+             ("answers cut at max_new_tokens", "truncated"), ("answer tokens (mean)", "answer_tokens"))
+
+
+def _tasks(report: dict) -> list[str]:
+    """One table per task section: every metric with its interval, fp beside every variant."""
+    ev = report["evaluation"]
+    names = list(ev)
+    lines = ["", "## Tasks (95% bootstrap intervals over items; reliability_task_<name>.png)"]
+    described = report.get("tasks", {})
+    for section in ev[report["reference"]].get("tasks", {}):
+        lines += ["", f"### task.{section}", described.get(section.split(".")[0], "") if "." not in section else
+                  "confidence = mean token probability of the answer (what `calq ask` bands)", "",
+                  "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for label, key in TASK_ROWS:
+            if key in ev[report["reference"]]["tasks"][section]:
+                lines.append(f"| {label} | " + " | ".join(
+                    _interval(ev[n], f"task.{section}.{key}") for n in names) + " |")
     return lines
 
 
@@ -106,6 +133,8 @@ def markdown(report: dict) -> str:
         for n, items in skipped.items():
             reasons = sorted(set(items.values()))
             lines.append(f"- {n}: {len(items)} skipped ({'; '.join(reasons)}), e.g. {next(iter(items))}")
+    if report.get("tasks"):
+        lines += _tasks(report)
     if report.get("recalibration"):
         lines += _recalibration(report)
     if report["gates"]["results"]:

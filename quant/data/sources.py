@@ -435,7 +435,9 @@ def read_table(path: Path):
                                      cache_dir=str(cache_dir() / "hf-datasets"))
     except Exception as exc:  # datasets raises many types for unreadable files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CalqError(f"could not read {path} as {builder}: {type(exc).__name__}: {first}") from exc
+        hint = "; check for blank lines between items and for a field of mixed types (e.g. indices and texts)" \
+            if builder == "json" else ""
+        raise CalqError(f"could not read {path} as {builder}: {type(exc).__name__}: {first}{hint}") from exc
     finally:
         if bars:
             datasets.enable_progress_bars()

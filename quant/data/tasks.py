@@ -176,7 +176,7 @@ def _field(row: dict, key: str, where: str, columns: list[str], cfg: TaskConfig)
                         f"or set evaluation.tasks[{cfg.name}].fields")
     value = row[key]
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise CalqError(f"{where}: field {key!r} is empty; fill it in or remove the item")
+        raise CalqError(f"{where}: field {key!r} is missing or empty; fill it in or remove the item")
     return value
 
 
