@@ -154,7 +154,9 @@ def _setup(recipe: Recipe, tokenizer) -> str:
     if mmlu is None:
         return line + "off"
     prompt = "chat template" if templated(tokenizer, mmlu.chat_template) else "plain prompt ending 'Answer:'"
-    return line + f"{mmlu.per_subject} items per subject (report split), {prompt}"
+    if mmlu.shots:
+        prompt = f"standard {mmlu.shots}-shot prompt, examples from the subject's fit split"
+    return line + f"{mmlu.mode}, {mmlu.per_subject} items per subject (report split), {prompt}"
 
 
 def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:

@@ -53,6 +53,22 @@ class MMLUConfig(StrictModel):
     chat_template: bool = True
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+    shots: int = Field(0, ge=0, le=10)
+    """0: zero-shot. k: k-shot with the standard prompt (Hendrycks et al., lm-eval's mmlu), the examples being the
+    first k items of the subject's fit split in seeded order (the packaged MMLU has no dev split; fit items are
+    never reported)."""
+
+    @model_validator(mode="after")
+    def _plain_for_shots(self) -> MMLUConfig:
+        if self.shots and self.chat_template:
+            raise ValueError("MMLU k-shot uses the standard plain prompt; set evaluation.mmlu.chat_template: false "
+                             "(or shots: 0)")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """What the report calls this MMLU: zero-shot or k-shot."""
+        return f"{self.shots}-shot" if self.shots else "zero-shot"
 
 
 class BootstrapConfig(StrictModel):
@@ -187,9 +203,7 @@ def collect_text(models: Models, windows: list[Tensor], reference: str) -> dict[
 
 def stratified_items(items: list[MCItem], per_subject: int, seed: int) -> list[MCItem]:
     """`per_subject` items of every subject, chosen by a seeded hash (stable across runs and machines)."""
-    by_subject: dict[str, list[MCItem]] = {}
-    for it in items:
-        by_subject.setdefault(it.subject, []).append(it)
+    by_subject = _by_subject(items)
     key = lambda it: hashlib.sha1(f"{seed}:{it.item_id}".encode()).hexdigest()  # noqa: E731
     return [it for subj in sorted(by_subject) for it in sorted(by_subject[subj], key=key)[:per_subject]]
 
@@ -201,8 +215,29 @@ def templated(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> bool:
     return chat_template and bool(tokenizer.chat_template)
 
 
-def mmlu_prompt(item: MCItem, tokenizer: PreTrainedTokenizerBase, use_template: bool) -> str:
+def mmlu_shots(cfg: MMLUConfig) -> dict[str, list[MCItem]]:
+    """The k-shot examples of every subject: its first `shots` fit items in the seeded order (none for zero-shot)."""
+    return {} if not cfg.shots else {
+        subject: items for subject, items in _by_subject(stratified_items(load_mmlu("fit"), cfg.shots, cfg.seed)).items()}
+
+
+def _by_subject(items: list[MCItem]) -> dict[str, list[MCItem]]:
+    out: dict[str, list[MCItem]] = {}
+    for it in items:
+        out.setdefault(it.subject, []).append(it)
+    return out
+
+
+def _question_block(item: MCItem) -> str:
+    return f"{item.question}\n" + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(item.choices)) + "Answer:"
+
+
+def mmlu_prompt(item: MCItem, tokenizer: PreTrainedTokenizerBase, use_template: bool,
+                shots: list[MCItem] | tuple[MCItem, ...] = ()) -> str:
     subject = item.subject.replace("_", " ")
+    if shots:  # the standard k-shot prompt, plain text
+        return (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+                + "".join(f"{_question_block(s)} {LETTERS[s.answer]}\n\n" for s in shots) + _question_block(item))
     body = (f"The following is a multiple choice question about {subject}.\n\n{item.question}\n"
             + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(item.choices))
             + "Answer with the letter of the correct option.")
@@ -229,9 +264,11 @@ def mmlu_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, items
     """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
     batch from rank (the other rows stay 0), so processes share the work with the same batches."""
     use_template = templated(tokenizer, cfg.chat_template)
-    encoded = [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template), use_template) for it in items]
+    shots = mmlu_shots(cfg)
+    encoded = [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template, shots.get(it.subject, ())),
+                             use_template) for it in items]
     return letter_probabilities(models, tokenizer, encoded, letter_token_ids(tokenizer, use_template),
-                                [len(LETTERS)] * len(items), cfg.batch_size, "eval mmlu", shard)
+                                [len(LETTERS)] * len(items), cfg.batch_size, f"eval mmlu ({cfg.mode})", shard)
 
 
 def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],

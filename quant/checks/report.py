@@ -75,6 +75,8 @@ def markdown(report: dict) -> str:
     ev = report["evaluation"]
     ref = ev[report["reference"]]
     at = report["recipe"]["evaluation"].get("selective_threshold", 0.75)
+    mmlu_cfg = report["recipe"]["evaluation"].get("mmlu") or {}
+    mmlu = f"MMLU {mmlu_cfg['shots']}-shot" if mmlu_cfg.get("shots") else "MMLU zero-shot"
     rows = [
         ("perplexity", lambda e: _interval(e, "text.perplexity", 3), 0),
         ("perplexity vs fp", lambda e: f"{100 * (e['text']['perplexity'] / ref['text']['perplexity'] - 1):+.1f}%", 0),
@@ -91,16 +93,16 @@ def markdown(report: dict) -> str:
         (f"token coverage at confidence >= {at}", lambda e: _interval(e, "text.selective_coverage"), 0),
         ("KL to fp (nats/token)", lambda e: e["text"]["kl_to_reference"], 4),
         ("top-1 agreement with fp", lambda e: e["text"]["top1_agreement"], 4),
-        ("MMLU accuracy", lambda e: _interval(e, "mmlu.accuracy") if e["mmlu"] else None, 0),
-        ("MMLU ECE", lambda e: _interval(e, "mmlu.ece") if e["mmlu"] else None, 0),
-        ("MMLU ECE (equal-mass)", lambda e: _interval(e, "mmlu.ece_mass") if e["mmlu"] else None, 0),
-        ("MMLU Brier", lambda e: _interval(e, "mmlu.brier") if e["mmlu"] else None, 0),
-        ("MMLU NLL", lambda e: _interval(e, "mmlu.nll") if e["mmlu"] else None, 0),
-        ("MMLU AUROC", lambda e: _interval(e, "mmlu.auroc") if e["mmlu"] else None, 0),
-        ("MMLU AURC", lambda e: _interval(e, "mmlu.aurc") if e["mmlu"] else None, 0),
-        (f"MMLU accuracy at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_accuracy") if e["mmlu"] else None, 0),
-        (f"MMLU coverage at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_coverage") if e["mmlu"] else None, 0),
-        ("MMLU answers A/B/C/D", lambda e: "/".join(str(v) for v in e["answer_distribution"].values()) or None, 0),
+        (f"{mmlu} accuracy", lambda e: _interval(e, "mmlu.accuracy") if e["mmlu"] else None, 0),
+        (f"{mmlu} ECE", lambda e: _interval(e, "mmlu.ece") if e["mmlu"] else None, 0),
+        (f"{mmlu} ECE (equal-mass)", lambda e: _interval(e, "mmlu.ece_mass") if e["mmlu"] else None, 0),
+        (f"{mmlu} Brier", lambda e: _interval(e, "mmlu.brier") if e["mmlu"] else None, 0),
+        (f"{mmlu} NLL", lambda e: _interval(e, "mmlu.nll") if e["mmlu"] else None, 0),
+        (f"{mmlu} AUROC", lambda e: _interval(e, "mmlu.auroc") if e["mmlu"] else None, 0),
+        (f"{mmlu} AURC", lambda e: _interval(e, "mmlu.aurc") if e["mmlu"] else None, 0),
+        (f"{mmlu} accuracy at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_accuracy") if e["mmlu"] else None, 0),
+        (f"{mmlu} coverage at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_coverage") if e["mmlu"] else None, 0),
+        (f"{mmlu} answers A/B/C/D", lambda e: "/".join(str(v) for v in e["answer_distribution"].values()) or None, 0),
         ("temperature (re-calibration)", lambda e: e.get("temperature"), 3),
         ("weights (MB)", lambda e: e["size_mb"], 1),
         ("linear layers quantized / kept", lambda e: f"{e['layers_quantized']} / {e['layers_kept']}", 0),

@@ -123,6 +123,6 @@ def test_every_task_is_reported_with_intervals_and_a_reliability_diagram(tiny_ru
     assert "### task.mc" in md and "### task.facts.mean_token" in md
     assert "log-likelihoods per character" in md and "3 report items (2 held out for fitting)" in md
     assert f"| ECE | {ev['fp']['intervals']['task.mc.ece']['value']:.4f} [" in md
-    assert "| answers cut at max_new_tokens |" in md
+    assert "| answers cut at max_new_tokens |" in md and "| MMLU zero-shot accuracy |" in md
     for section in ("facts", "facts.mean_token", "mc"):
         assert (run_dir / f"reliability_task_{section}.png").stat().st_size > 100
