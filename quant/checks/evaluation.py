@@ -322,7 +322,7 @@ def _reduce_kind(preds: dict[str, Predictions], cfg: EvalConfig, reference: str,
 
 def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, reference: str) -> dict[str, ModelEval]:
     """Metrics of every model from collected predictions ({"text": {model: ...}, "mmlu": {model: ...}})."""
-    names = list(predictions["text"])
+    names = list(next(iter(predictions.values())))
     results = {name: ModelEval() for name in names}
     for section, preds in predictions.items():
         for name, (points, intervals, changes) in _reduce_kind(preds, cfg, reference,
@@ -336,7 +336,7 @@ def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, refe
             r.intervals.update({f"{section}.{k}": v for k, v in intervals.items()})
             r.vs_reference.update({f"{section}.{k}": v for k, v in changes.items()})
     for name, r in results.items():
-        r.token_predictions = predictions["text"][name]
+        r.token_predictions = predictions["text"][name] if "text" in predictions else None
         if "mmlu" in predictions:
             r.mmlu_predictions = predictions["mmlu"][name]
             counts = Counter(LETTERS[i] for i in r.mmlu_predictions.prediction)

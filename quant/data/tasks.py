@@ -279,11 +279,11 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 def _sentences(text: str) -> list[str]:
     out = []
     for para in text.split("\n"):
-        out += [s.strip() for s in _SENTENCE.split(para) if 40 <= len(s.strip()) <= 250]
+        out += [s.strip() for s in _SENTENCE.split(para) if 40 <= len(s.strip()) <= 200]
     return out
 
 
-def next_sentence_rows(items: int = 240, context: int = 2, distractors: int = 3, seed: int = 0) -> list[dict]:
+def next_sentence_rows(items: int = 120, context: int = 2, distractors: int = 3, seed: int = 0) -> list[dict]:
     """Pick the true next sentence of a held-out Wikipedia passage among sentences of other articles.
 
     From the evaluation split only (calibration samples never come from it), deterministic: articles in title order,

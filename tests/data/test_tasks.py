@@ -119,7 +119,7 @@ def test_the_builtin_tasks_load(tmp_path):
     assert len(facts.items) >= 20 and all(it.answers for it in facts.items)
     rows = next_sentence_rows()
     assert rows == next_sentence_rows()  # deterministic
-    assert len(rows) == 240 and all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for r in rows)
+    assert len(rows) == 120 and all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
     demo = load_task(_cfg("builtin:wiki_next_sentence", fields={"id": "id"}))
-    assert len(demo.items) + demo.held_out == 240
+    assert len(demo.items) + demo.held_out == 120

@@ -1,0 +1,62 @@
+"""The lm-eval bridge against lm-eval's own HFLM on the same tiny model and a local (offline) task."""
+
+import json
+
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from quant.checks.harness import run_harness  # noqa: E402
+from quant.confidence import Tempered, metrics  # noqa: E402
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "market", "film", "score", "theory", "planet", "music"]
+
+TASK = """task: calq_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_the_bridge_reproduces_lm_evals_own_accuracy(tiny_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rng = np.random.default_rng(0)
+    rows = [{"question": " ".join(rng.choice(WORDS, 3)), "choices": [" ".join(rng.choice(WORDS, k)) for k in (1, 2, 3)],
+             "answer": int(rng.integers(3))} for _ in range(16)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    theirs = simple_evaluate(model=HFLM(pretrained=tiny_model, tokenizer=tokenizer, batch_size=4, device="cpu"),
+                             tasks=["calq_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+                             log_samples=True, bootstrap_iters=0)
+    preds, ours = run_harness({"fp": tiny_model, "fp+T": Tempered("fp", 2.0)}, tokenizer, ["calq_tiny_mc"],
+                              include_path=str(tmp_path), batch_size=5)
+    want = theirs["results"]["calq_tiny_mc"]
+    assert ours["results"]["calq_tiny_mc"]["acc,none"] == want["acc,none"]
+    assert ours["results"]["calq_tiny_mc"]["acc_norm,none"] == want["acc_norm,none"]
+    p = preds["lm_eval.calq_tiny_mc"]["fp"]
+    assert len(p.correct) == 16
+    assert p.correct.mean() == pytest.approx(want["acc,none"]) and p.values["acc_norm"].mean() == pytest.approx(
+        want["acc_norm,none"])
+    # every choice's log-likelihood equals HFLM's, so the confidence is the softmax of lm-eval's own scores
+    lls = {s["doc_id"]: np.array([r[0] for r in s["filtered_resps"]]) for s in theirs["samples"]["calq_tiny_mc"]}
+    soft = np.array([np.exp(lls[d] - lls[d].max()).max() / np.exp(lls[d] - lls[d].max()).sum() for d in sorted(lls)])
+    np.testing.assert_allclose(p.confidence, soft, rtol=1e-4)
+    assert metrics.ece(p.confidence, p.correct) == pytest.approx(metrics.ece(soft, p.correct), abs=1e-6)
+    # the tempered view is scored in the same pass: log_softmax(z / T) at every token moves every score
+    t = preds["lm_eval.calq_tiny_mc"]["fp+T"]
+    assert len(t.correct) == 16 and np.abs(t.confidence - p.confidence).min() > 1e-7
