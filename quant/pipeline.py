@@ -243,7 +243,10 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         "stats": {"layers": len(stats.layers), "top_outlier_layers": dict(sorted(
             stats.summary().items(), key=lambda kv: -kv[1]["outlier_ratio"])[:5])},
         "evaluation": evaluation,
-        "tasks": {t.name: describe(load_task(t), tokenizer) for t in recipe.evaluation.tasks},
+        "tasks": {**{t.name: describe(load_task(t), tokenizer) for t in recipe.evaluation.tasks},
+                  **{t: "lm-eval task through the bridge (quant/checks/harness.py): log-likelihood of each choice, "
+                        "confidence = softmax over the choices' summed log-likelihoods; acc and acc_norm as lm-eval"
+                     for t in (recipe.evaluation.lm_eval.tasks if recipe.evaluation.lm_eval else ())}},
         "gates": {"passed": gates.passed, "results": [r.__dict__ for r in gates.results],
                   "lines": [r.line() for r in gates.results], "markdown": gates.markdown()},
         "recalibration": {n: {**asdict(f), "variant": n + SUFFIX} for n, f in fits.items()},

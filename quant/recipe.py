@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -68,6 +69,7 @@ class Recipe(StrictModel):
         if self.evaluation.mmlu is None:
             found += [f"gate on {g.metric} but evaluation.mmlu is off" for g in self.gates if g.metric.startswith("mmlu.")]
         sections = {s: m for t in self.evaluation.tasks for s, m in task_sections(t).items()}
+        sections.update(self.evaluation.lm_eval.sections() if self.evaluation.lm_eval else {})
         for g in self.gates:
             section, name = split_metric(g.metric)
             if not section.startswith("task."):
@@ -142,6 +144,9 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise CalqError(_error_line(err, path)) from err
+    if recipe.evaluation.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
+        raise CalqError(f"{path}: evaluation.lm_eval needs the lm-eval extra: pip install 'calq[lm-eval]' "
+                        "(lm-eval==0.4.13)")
     for task in recipe.evaluation.tasks:  # every task file read and checked before any model loads
         try:
             load_task(task)

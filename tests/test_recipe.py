@@ -143,3 +143,14 @@ def test_task_gates_are_checked_against_the_tasks(tmp_path):
     r = load_recipe(_write(tmp_path, head + "gates: [{metric: task.qa.mean_token.ece, max: 0.3}, "
                                             "{metric: task.qa.accuracy, max_drop: 0.1}]\n"))
     assert [g.metric for g in r.gates] == ["task.qa.mean_token.ece", "task.qa.accuracy"]
+
+
+def test_lm_eval_task_gates_are_checked_at_load(tmp_path):
+    head = "name: x\nquantize: [{name: a, scheme: W8A8}]\nevaluation: {lm_eval: {tasks: [arc_easy]}}\n"
+    r = load_recipe(_write(tmp_path, head + "gates: [{metric: task.arc_easy.acc_norm, max_drop: 0.05}]\n"))
+    assert r.evaluation.lm_eval.tasks == ("arc_easy",)
+    with pytest.raises(CalqError, match=r"gate on task.arc_easy.truncated: task.arc_easy reports accuracy"):
+        load_recipe(_write(tmp_path, head + "gates: [{metric: task.arc_easy.truncated, max: 0.05}]\n"))
+    with pytest.raises(CalqError, match=r"lm-eval task name 'mmlu.x'"):
+        load_recipe(_write(tmp_path, "name: x\nquantize: [{name: a, scheme: W8A8}]\n"
+                                     "evaluation: {lm_eval: {tasks: [mmlu.x]}}\n"))

@@ -14,6 +14,7 @@ Tokens of one window are correlated, so text resamples whole windows (cluster bo
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from quant.confidence.recalibrate import Models, forward_groups
 from quant.checks.scoring import LETTERS, SUMMARY, Predictions, choice_predictions, letter_probabilities, letter_token_ids
 from quant.checks.tasks import collect_tasks
 from quant.data import MCItem, load_documents, load_mmlu, special_prefix
-from quant.data.tasks import TaskConfig, load_task
+from quant.data.tasks import TASK_NAME, TaskConfig, load_task
 from quant.errors import CalqError
 from quant.schema import StrictModel
 
@@ -78,6 +79,27 @@ class BootstrapConfig(StrictModel):
     seed: int = 0
 
 
+class LMEvalConfig(StrictModel):
+    tasks: tuple[str, ...] = Field(min_length=1)
+    """lm-eval task names (multiple choice); each is also calq's task name in the report and in gates."""
+    include_path: str | None = None
+    """A folder of lm-eval task YAML files (offline: dataset_path: json with local data_files)."""
+    limit: int | None = Field(None, ge=1)
+    """At most this many documents per task (lm-eval's limit)."""
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> LMEvalConfig:
+        bad = [t for t in self.tasks if not re.fullmatch(TASK_NAME, t)]
+        if bad:
+            raise ValueError(f"lm-eval task name {bad[0]!r}: calq names it in gates as task.<name>.<metric>, so use "
+                             "letters, digits, '_' and '-' (a task group: list its tasks)")
+        return self
+
+    def sections(self) -> dict[str, tuple[str, ...]]:
+        return {f"task.{t}": (*SUMMARY, "acc", "acc_norm") for t in self.tasks}
+
+
 class EvalConfig(StrictModel):
     text: TextEvalConfig = TextEvalConfig()
     mmlu: MMLUConfig | None = MMLUConfig()
@@ -92,12 +114,15 @@ class EvalConfig(StrictModel):
     """Layer-wise calibration (quant/confidence/lens.py) on a few evaluation windows; null skips it."""
     tasks: tuple[TaskConfig, ...] = ()
     """The user's own tasks (quant/data/tasks.py), each reported and gated as task.<name>.<metric>."""
+    lm_eval: LMEvalConfig | None = None
+    """lm-evaluation-harness tasks through the bridge (quant/checks/harness.py; the lm-eval extra), reported and
+    gated as task.<lm-eval task>.<metric> like task files; null: none."""
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> EvalConfig:
-        names = [t.name for t in self.tasks]
+        names = [t.name for t in self.tasks] + list(self.lm_eval.tasks if self.lm_eval else ())
         if len(set(names)) != len(names):
-            raise ValueError(f"evaluation.tasks names must be unique (got {names})")
+            raise ValueError(f"evaluation.tasks and evaluation.lm_eval.tasks names must be unique (got {names})")
         return self
 
 
@@ -359,4 +384,19 @@ def evaluate(models: Models, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig
         items = stratified_items(load_mmlu("report"), cfg.mmlu.per_subject, cfg.mmlu.seed)
         predictions["mmlu"] = collect_mmlu(models, tokenizer, items, cfg.mmlu)
     predictions.update(collect_tasks(models, tokenizer, [load_task(t) for t in cfg.tasks]))
+    if cfg.lm_eval is not None:
+        predictions.update(lm_eval_predictions(models, tokenizer, cfg.lm_eval))
     return reduce(predictions, cfg, reference)
+
+
+def lm_eval_predictions(models: Models, tokenizer: PreTrainedTokenizerBase,
+                        cfg: LMEvalConfig) -> dict[str, dict[str, Predictions]]:
+    """The lm-eval tasks' predictions by section task.<name> (the bridge is imported here: lm-eval is optional)."""
+    from quant.checks.harness import run_harness  # noqa: PLC0415 (optional extra)
+
+    preds, _ = run_harness(models, tokenizer, list(cfg.tasks), cfg.include_path, cfg.limit, cfg.batch_size)
+    missing = [t for t in cfg.tasks if f"lm_eval.{t}" not in preds]
+    if missing:
+        raise CalqError(f"lm-eval task {missing[0]} sent no log-likelihood requests; the bridge scores "
+                        "multiple-choice tasks only")
+    return {f"task.{t}": preds[f"lm_eval.{t}"] for t in cfg.tasks}

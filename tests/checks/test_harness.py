@@ -11,7 +11,8 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from quant.checks.harness import run_harness  # noqa: E402
+from quant.checks import GateRule, check_gates  # noqa: E402
+from quant.checks.evaluation import BootstrapConfig, EvalConfig, LMEvalConfig, TextEvalConfig, evaluate  # noqa: E402
 from quant.confidence import Tempered, metrics  # noqa: E402
 
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "market", "film", "score", "theory", "planet", "music"]
@@ -43,20 +44,22 @@ def test_the_bridge_reproduces_lm_evals_own_accuracy(tiny_model, tokenizer, tmp_
     theirs = simple_evaluate(model=HFLM(pretrained=tiny_model, tokenizer=tokenizer, batch_size=4, device="cpu"),
                              tasks=["calq_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
                              log_samples=True, bootstrap_iters=0)
-    preds, ours = run_harness({"fp": tiny_model, "fp+T": Tempered("fp", 2.0)}, tokenizer, ["calq_tiny_mc"],
-                              include_path=str(tmp_path), batch_size=5)
+    cfg = EvalConfig(text=TextEvalConfig(windows=1, seq_len=32), mmlu=None, bootstrap=BootstrapConfig(resamples=50),
+                     lm_eval=LMEvalConfig(tasks=["calq_tiny_mc"], include_path=str(tmp_path), batch_size=5))
+    evals = evaluate({"fp": tiny_model, "fp+T": Tempered("fp", 2.0)}, tokenizer, cfg, "fp")
     want = theirs["results"]["calq_tiny_mc"]
-    assert ours["results"]["calq_tiny_mc"]["acc,none"] == want["acc,none"]
-    assert ours["results"]["calq_tiny_mc"]["acc_norm,none"] == want["acc_norm,none"]
-    p = preds["lm_eval.calq_tiny_mc"]["fp"]
-    assert len(p.correct) == 16
-    assert p.correct.mean() == pytest.approx(want["acc,none"]) and p.values["acc_norm"].mean() == pytest.approx(
-        want["acc_norm,none"])
+    ours, p = evals["fp"].tasks["calq_tiny_mc"], evals["fp"].task_predictions["calq_tiny_mc"]
+    assert ours["n"] == 16 and ours["accuracy"] == pytest.approx(want["acc,none"])
+    assert ours["acc"] == pytest.approx(want["acc,none"]) and ours["acc_norm"] == pytest.approx(want["acc_norm,none"])
     # every choice's log-likelihood equals HFLM's, so the confidence is the softmax of lm-eval's own scores
     lls = {s["doc_id"]: np.array([r[0] for r in s["filtered_resps"]]) for s in theirs["samples"]["calq_tiny_mc"]}
     soft = np.array([np.exp(lls[d] - lls[d].max()).max() / np.exp(lls[d] - lls[d].max()).sum() for d in sorted(lls)])
     np.testing.assert_allclose(p.confidence, soft, rtol=1e-4)
     assert metrics.ece(p.confidence, p.correct) == pytest.approx(metrics.ece(soft, p.correct), abs=1e-6)
     # the tempered view is scored in the same pass: log_softmax(z / T) at every token moves every score
-    t = preds["lm_eval.calq_tiny_mc"]["fp+T"]
+    t = evals["fp+T"].task_predictions["calq_tiny_mc"]
     assert len(t.correct) == 16 and np.abs(t.confidence - p.confidence).min() > 1e-7
+    est = evals["fp+T"].intervals["task.calq_tiny_mc.ece"]
+    assert est.low <= est.value <= est.high
+    verdict = check_gates(evals, [GateRule(metric="task.calq_tiny_mc.acc_norm", max_drop=1.0)], "fp")
+    assert verdict.passed
