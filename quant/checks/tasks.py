@@ -165,7 +165,8 @@ def _free_text(models: Models, tokenizer: PreTrainedTokenizerBase, task: Task) -
     correct = {name: np.zeros(n, dtype=bool) for name in models}
     truncated = {name: np.zeros(n) for name in models}
     length = {name: np.zeros(n) for name in models}
-    newline = {t for t in range(len(tokenizer)) if "\n" in tokenizer.decode([t])} if not chat else set()
+    newline = {t for t in range(len(tokenizer)) if "\n" in tokenizer.decode([t], clean_up_tokenization_spaces=False)} \
+        if not chat else set()
     for model, views in forward_groups(models):
         dev = next(model.parameters()).device
         stop = _stops(model, tokenizer)
@@ -184,7 +185,7 @@ def _free_text(models: Models, tokenizer: PreTrainedTokenizerBase, task: Task) -
                 end = next((k for k, t in enumerate(toks) if t in stop or t in newline), None)
                 answer = toks[:len(toks) if end is None else end]
                 scored = len(answer) + (end is not None)  # the answer's tokens and what ended it
-                text = tokenizer.decode(answer, skip_special_tokens=True)
+                text = tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 for name, temperature in views:
                     logp = torch.log_softmax(logits[row, :scored] / temperature, -1)
                     tok_logp = logp.gather(-1, torch.tensor(toks[:scored], device="cpu")[:, None])[:, 0]
