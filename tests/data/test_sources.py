@@ -253,8 +253,7 @@ def test_hugging_face_datasets_as_sources(tmp_path, monkeypatch):
         load_documents(f"hf:{tmp_path}/ds", "calibration")
     with pytest.raises(CalqError, match=r"has no split 'test'"):
         load_documents(f"hf:{tmp_path}/ds@test#body", "calibration")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: set the module's own flag
     with pytest.raises(CalqError, match=r"cannot load Hugging Face dataset 'calq-nobody/none' split 'train' .*offline, "
                                         r"pass a local dataset directory") as err:
         load_documents("hf:calq-nobody/none", "calibration")
