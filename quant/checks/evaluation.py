@@ -397,6 +397,6 @@ def lm_eval_predictions(models: Models, tokenizer: PreTrainedTokenizerBase,
     preds, _ = run_harness(models, tokenizer, list(cfg.tasks), cfg.include_path, cfg.limit, cfg.batch_size)
     missing = [t for t in cfg.tasks if f"lm_eval.{t}" not in preds]
     if missing:
-        raise CalqError(f"lm-eval task {missing[0]} sent no log-likelihood requests; the bridge scores "
-                        "multiple-choice tasks only")
+        raise CalqError(f"lm-eval task {missing[0]} is not multiple choice (no set of choices per document); the "
+                        "bridge's calibration metrics need multiple_choice tasks")
     return {f"task.{t}": preds[f"lm_eval.{t}"] for t in cfg.tasks}

@@ -38,11 +38,12 @@ class CalqLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tokenizer, r.args[0], r.args[1], self.add_special_tokens) for r in requests]
-        ll = continuation_loglikelihoods(self.models, self.tokenizer, pairs, self.batch_size, "lm-eval loglikelihood")
+        ll, greedy = continuation_loglikelihoods(self.models, self.tokenizer, pairs, self.batch_size,
+                                                 "lm-eval loglikelihood")
         first = next(iter(self.models))
         for k, r in enumerate(requests):
             self.scored.append((r.task_name, r.doc_id, r.idx, r.args[1], {n: float(v[k]) for n, v in ll.items()}))
-        return [(float(ll[first][k]), False) for k in range(len(requests))]  # is_greedy is not computed
+        return [(float(ll[first][k]), bool(greedy[first][k])) for k in range(len(requests))]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise CalqError("the lm-eval bridge scores multiple-choice (loglikelihood) tasks; this task asks for "
@@ -55,7 +56,9 @@ class CalqLM(LM):
 
 def harness_predictions(lm: CalqLM, results: dict) -> dict[str, dict[str, Predictions]]:
     """Per-document predictions of every model on every task of a `simple_evaluate(..., log_samples=True)` run with
-    `lm`, by section `lm_eval.<task>` (extra per-item values: acc, acc_norm, as lm-eval defines them)."""
+    `lm`, by section `lm_eval.<task>` (extra per-item values: acc, acc_norm, as lm-eval defines them). Tasks with
+    one request per document (output_type loglikelihood) have no choices to take a softmax over and are left out;
+    `lm_eval_predictions` refuses them by name."""
     out = {}
     for task, samples in results.get("samples", {}).items():
         rows = [s for s in lm.scored if s[0] == task]
@@ -64,6 +67,8 @@ def harness_predictions(lm: CalqLM, results: dict) -> dict[str, dict[str, Predic
         docs = sorted({d for _, d, _, _, _ in rows})
         where = {d: k for k, d in enumerate(docs)}
         width = max(i for _, _, i, _, _ in rows) + 1
+        if width < 2:  # one request per document: not multiple choice (lm-eval's own metrics still hold)
+            continue
         labels = np.zeros(len(docs), dtype=np.int64)
         for s in samples:
             if s["doc_id"] in where:

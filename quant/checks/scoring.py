@@ -125,8 +125,9 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
 @torch.inference_mode()
 def continuation_loglikelihoods(models: Models, tokenizer: PreTrainedTokenizerBase,
                                 requests: list[tuple[list[int], list[int]]], batch_size: int,
-                                desc: str) -> dict[str, np.ndarray]:
-    """Summed log-probability (natural log) of each request's continuation tokens after its context, per model.
+                                desc: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Summed log-probability (natural log) of each request's continuation tokens after its context, per model,
+    and whether the continuation is the model's greedy one (every token its argmax; lm-eval's is_greedy).
 
     Batched longest first, left-padded with explicit positions (so padding changes no real token's position), and
     the output head runs only on the last positions a continuation needs (logits_to_keep)."""
@@ -136,6 +137,7 @@ def continuation_loglikelihoods(models: Models, tokenizer: PreTrainedTokenizerBa
                             "every choice some text")
     order = sorted(range(len(requests)), key=lambda i: -sum(map(len, requests[i])))
     out = {name: np.zeros(len(requests)) for name in models}
+    greedy = {name: np.zeros(len(requests), dtype=bool) for name in models}
     groups = forward_groups(models)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         batch = order[start:start + batch_size]
@@ -153,4 +155,5 @@ def continuation_loglikelihoods(models: Models, tokenizer: PreTrainedTokenizerBa
                 for name, temperature in views:
                     logp = F.log_softmax(z / temperature, dim=-1).cpu()
                     out[name][i] = float(logp.gather(-1, target[:, None]).sum())
-    return out
+                    greedy[name][i] = bool((logp.argmax(-1) == target).all())
+    return out, greedy

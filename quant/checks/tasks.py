@@ -109,7 +109,7 @@ def _multiple_choice(models: Models, tokenizer: PreTrainedTokenizerBase, task: T
         for c in it.choices:
             requests.append(encode_pair(tokenizer, ctx, c if chat else f" {c}", add_special_tokens=not chat))
             owner.append(k)
-    ll = continuation_loglikelihoods(models, tokenizer, requests, cfg.batch_size, desc)
+    ll, _ = continuation_loglikelihoods(models, tokenizer, requests, cfg.batch_size, desc)
     chars = np.ones((len(items), width))
     for k, it in enumerate(items):
         chars[k, :len(it.choices)] = [len(c) for c in it.choices]  # padded columns stay -inf / 1

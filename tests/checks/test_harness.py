@@ -63,3 +63,22 @@ def test_the_bridge_reproduces_lm_evals_own_accuracy(tiny_model, tokenizer, tmp_
     assert est.low <= est.value <= est.high
     verdict = check_gates(evals, [GateRule(metric="task.calq_tiny_mc.acc_norm", max_drop=1.0)], "fp")
     assert verdict.passed
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_each_request_matches_hflm_including_is_greedy(tiny_model, tokenizer):
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from quant.checks.harness import CalqLM
+
+    ctx = "Question: alpha beta\nAnswer:"
+    ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        best = int(tiny_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+    conts = [tokenizer.decode([best]), " river market", " gamma"]
+    reqs = [Instance("loglikelihood", {}, (ctx, c), k, ("t", 0, 1)) for k, c in enumerate(conts)]
+    theirs = HFLM(pretrained=tiny_model, tokenizer=tokenizer, batch_size=2, device="cpu").loglikelihood(reqs)
+    ours = CalqLM({"fp": tiny_model}, tokenizer, batch_size=2).loglikelihood(reqs)
+    assert [g for _, g in ours] == [g for _, g in theirs] and ours[0][1] is True
+    np.testing.assert_allclose([v for v, _ in ours], [v for v, _ in theirs], rtol=1e-5)
