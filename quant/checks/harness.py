@@ -19,7 +19,7 @@ from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 from transformers import PreTrainedTokenizerBase
 
-from quant.checks.scoring import Predictions, choice_predictions, continuation_loglikelihoods, encode_pair
+from quant.checks.scoring import Predictions, continuation_loglikelihoods, encode_pair, loglikelihood_predictions
 from quant.confidence.recalibrate import Models
 from quant.errors import CalqError
 
@@ -76,16 +76,11 @@ def harness_predictions(lm: CalqLM, results: dict) -> dict[str, dict[str, Predic
         chars = np.ones((len(docs), width))
         for _, d, i, cont, _ in rows:
             chars[where[d], i] = len(cont.lstrip(" "))  # lm-eval's acc_norm: the choice's length in characters
-        probs, extra = {}, {}
-        for name in lm.models:
-            scores = np.full((len(docs), width), -np.inf)
-            for _, d, i, _, ll in rows:
-                scores[where[d], i] = ll[name]
-            extra[name] = {"acc": (scores.argmax(1) == labels).astype(np.float64),
-                           "acc_norm": ((scores / chars).argmax(1) == labels).astype(np.float64)}
-            z = np.exp(scores - scores.max(1, keepdims=True))
-            probs[name] = z / z.sum(1, keepdims=True)
-        out[f"lm_eval.{task}"] = choice_predictions(probs, labels, extra)
+        scores = {name: np.full((len(docs), width), -np.inf) for name in lm.models}
+        for _, d, i, _, ll in rows:
+            for name in lm.models:
+                scores[name][where[d], i] = ll[name]
+        out[f"lm_eval.{task}"] = loglikelihood_predictions(scores, chars, labels)
     return out
 
 

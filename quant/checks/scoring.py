@@ -59,6 +59,22 @@ def choice_predictions(probs: dict[str, np.ndarray], labels: np.ndarray,
     return out
 
 
+def loglikelihood_predictions(scores: dict[str, np.ndarray], chars: np.ndarray, labels: np.ndarray,
+                              normalization: str = "sum") -> dict[str, Predictions]:
+    """Predictions from each choice's summed log-likelihood (items, choices; missing choices -inf), as lm-eval's
+    multiple_choice: acc is the argmax of the sums, acc_norm the argmax per character (`chars`, the choices'
+    lengths); the prediction and its confidence, the softmax over the scores, use `normalization` (sum | per_char)."""
+    probs, extra = {}, {}
+    for name, summed in scores.items():
+        per_char = summed / chars
+        extra[name] = {"acc": (summed.argmax(1) == labels).astype(np.float64),
+                       "acc_norm": (per_char.argmax(1) == labels).astype(np.float64)}
+        z = summed if normalization == "sum" else per_char
+        z = np.exp(z - z.max(1, keepdims=True))
+        probs[name] = z / z.sum(1, keepdims=True)
+    return choice_predictions(probs, labels, extra)
+
+
 def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 

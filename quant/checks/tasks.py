@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from quant.checks.scoring import (SUMMARY, Predictions, choice_predictions, continuation_loglikelihoods, encode_pair,
-                                  left_padded, letter_probabilities, letter_token_ids)
+                                  left_padded, letter_probabilities, letter_token_ids, loglikelihood_predictions)
 from quant.confidence.recalibrate import Models, forward_groups
 from quant.data.tasks import LETTERS, Task, TaskConfig, TaskItem
 
@@ -110,22 +110,15 @@ def _multiple_choice(models: Models, tokenizer: PreTrainedTokenizerBase, task: T
             requests.append(encode_pair(tokenizer, ctx, c if chat else f" {c}", add_special_tokens=not chat))
             owner.append(k)
     ll, _ = continuation_loglikelihoods(models, tokenizer, requests, cfg.batch_size, desc)
-    chars = np.ones((len(items), width))
+    chars = np.ones((len(items), width))  # padded columns: score -inf, length 1
+    col = np.concatenate([np.arange(len(it.choices)) for it in items])
     for k, it in enumerate(items):
-        chars[k, :len(it.choices)] = [len(c) for c in it.choices]  # padded columns stay -inf / 1
-    probs, extra = {}, {}
+        chars[k, :len(it.choices)] = [len(c) for c in it.choices]
+    scores = {}
     for name, values in ll.items():
-        scores = np.full((len(items), width), -np.inf)
-        col = np.concatenate([np.arange(len(it.choices)) for it in items])
-        scores[np.array(owner), col] = values
-        per_char = scores / chars
-        extra[name] = {"acc": (scores.argmax(1) == labels).astype(np.float64),
-                       "acc_norm": (per_char.argmax(1) == labels).astype(np.float64)}
-        z = scores if cfg.normalization == "sum" else per_char
-        z = z - z.max(1, keepdims=True)
-        p = np.exp(z)
-        probs[name] = p / p.sum(1, keepdims=True)
-    return choice_predictions(probs, labels, extra)
+        scores[name] = np.full((len(items), width), -np.inf)
+        scores[name][np.array(owner), col] = values
+    return loglikelihood_predictions(scores, chars, labels, cfg.normalization)
 
 
 # ----------------------------------------------------------------------------------------------------
