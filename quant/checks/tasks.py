@@ -158,8 +158,8 @@ def _free_text(models: Models, tokenizer: PreTrainedTokenizerBase, task: Task) -
     correct = {name: np.zeros(n, dtype=bool) for name in models}
     truncated = {name: np.zeros(n) for name in models}
     length = {name: np.zeros(n) for name in models}
-    newline = {t for t in range(len(tokenizer)) if "\n" in tokenizer.decode([t], clean_up_tokenization_spaces=False)} \
-        if not chat else set()
+    decode = lambda t: tokenizer.decode([t], clean_up_tokenization_spaces=False)  # noqa: E731
+    newline = set() if chat else {t for t in range(len(tokenizer)) if "\n" in decode(t)}
     for model, views in forward_groups(models):
         dev = next(model.parameters()).device
         stop = _stops(model, tokenizer)
