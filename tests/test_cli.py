@@ -59,6 +59,7 @@ def test_eval_of_a_run_directory_and_of_checkpoints(tiny_run, saved, capsys):  #
     metrics = json.loads((saved / "eval.json").read_text())
     # the saved (re-calibrated) checkpoint evaluated again: the run's own w4+T numbers
     assert metrics["w4"]["text"]["perplexity"] == pytest.approx(tiny_run.evals["w4+T"].text["perplexity"], rel=1e-5)
+    assert metrics["w4"]["tasks"]["mc"]["ece"] == pytest.approx(tiny_run.evals["w4+T"].tasks["mc"]["ece"], rel=1e-5)
     recipe = json.loads((run_dir / "recipe.json").read_text())
     assert main(["eval", str(run_dir / "models" / "w4"), "--reference", recipe["model"]["source"]]) == 0
     assert main(["eval", str(run_dir / "models" / "w4")]) == 2
