@@ -1,6 +1,7 @@
 """Everything calq can only check on an NVIDIA GPU, in one prepared run (under 8 minutes on an H100/H200).
 
     python benchmarks/gpu_check.py --out DIR [--quick]
+    python benchmarks/gpu_check.py --out DIR --smoke     # on CPU, tiny shapes: checks the script itself (CI does)
 
 Needs torch, triton and transformers (and calq's small pure-Python needs: pydantic; see README "GPU check" for the
 wheels to carry to a machine without a registry). No model download: models are random weights on real configs.
@@ -34,6 +35,8 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))  # (N, K)
 GROUP = 128
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, model_type="llama")
+MODELS = {"smollm2-135m": {"dir": str(ROOT / "benchmarks" / "smollm2-135m")}, "llama-1b": LLAMA_1B}
+SAMPLES = (128, 512, 8)  # calibration samples, their length, the forward batch
 TARGETS = (  # (name, kernel, baseline, M values, at least this speedup)
     ("W4A16 vs cuBLAS bf16 at M=1", "w4a16", "bf16", (1,), 3.5),
     ("W4A16 vs cuBLAS bf16 at M=16", "w4a16", "bf16", (16,), 3.0),
@@ -41,6 +44,41 @@ TARGETS = (  # (name, kernel, baseline, M values, at least this speedup)
     ("W8A8 (with activation quantization) vs bf16 at M>=1024", "w8a8", "bf16", (1024, 4096), 1.5),
     ("FP8 vs bf16 at M>=1024", "fp8", "bf16", (1024, 4096), 1.6),
 )
+
+
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        sync()
+
+
+def smoke() -> None:
+    """Shrink every size so the whole script runs on CPU in seconds: its glue is checked before GPU time is spent."""
+    global DEVICE, MS, SHAPES, GROUP, MODELS, SAMPLES
+    DEVICE, MS, SHAPES, GROUP, SAMPLES = "cpu", (1, 16, 32), ((96, 128), (64, 256)), 32, (4, 64, 8)
+    MODELS = {"tiny-llama": dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512)}
+
+
+def gpu_gb(peak: bool = False) -> float:
+    if DEVICE != "cuda":
+        return 0.0
+    return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
+
+
+def bench_ms(fn) -> float:
+    if DEVICE == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -75,10 +113,10 @@ def correctness(quick: bool) -> list[dict]:
     rows = []
     shapes = SHAPES[:1] if quick else SHAPES
     for n, kk in shapes:
-        w = torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) / math.sqrt(kk)
+        w = torch.randn(n, kk, device=DEVICE, dtype=torch.bfloat16) / math.sqrt(kk)
         q4, q8, f8 = quantized(w, "W4A16_ASYM"), quantized(w, "W8A8"), quantized(w, "FP8_DYNAMIC")
-        for m in (1, 16, 128, 1024):
-            x = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
+        for m in MS[:4]:
+            x = torch.randn(m, kk, device=DEVICE, dtype=torch.bfloat16)
             ref4 = k.int4_linear_ref(x.double(), q4.qweight, q4.scales, q4.zeros, GROUP)
             for kernel, configs in k.tuning_configs("int4", m).items():
                 for cfg in configs:
@@ -94,7 +132,7 @@ def correctness(quick: bool) -> list[dict]:
                     rows.append({"op": "w8a8", "kernel": kernel, "config": str(cfg), "N": n, "K": kk, "M": m,
                                  "rel_err": rel_err(out, ref8), "ok": rel_err(out, ref8) < 1e-2})
             out = k.fp8_linear(x, f8.qweight, f8.scales)
-            ref = k.fp8_linear_ref(x.cpu().float(), f8.qweight.cpu(), f8.scales.cpu()).to("cuda")
+            ref = k.fp8_linear_ref(x.cpu().float(), f8.qweight.cpu(), f8.scales.cpu()).to(DEVICE)
             rows.append({"op": "fp8", "kernel": "torch._scaled_mm", "config": "-", "N": n, "K": kk, "M": m,
                          "rel_err": rel_err(out, ref), "ok": rel_err(out, ref) < 1e-2})
     return rows
@@ -114,17 +152,15 @@ def bytes_floor(kernel: str, m: int, n: int, k: int) -> int:
 
 
 def kernel_table(quick: bool, peak_gbps: float) -> list[dict]:
-    import triton.testing
-
     import calq_kernels as k
 
     rows = []
     for n, kk in SHAPES[:2] if quick else SHAPES:
-        w16 = torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) / math.sqrt(kk)
+        w16 = torch.randn(n, kk, device=DEVICE, dtype=torch.bfloat16) / math.sqrt(kk)
         q4, q8, f8 = quantized(w16, "W4A16_ASYM"), quantized(w16, "W8A8"), quantized(w16, "FP8_DYNAMIC")
         wh = w16.half()
         for m in MS:
-            x = torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, kk, device=DEVICE, dtype=torch.bfloat16)
             xi, _ = k.quantize_per_token(x)
             fns = {"bf16": lambda: F.linear(x, w16), "fp16": lambda: F.linear(x.half(), wh),
                    "w4a16": lambda: k.int4_linear(x, q4.qweight, q4.scales, q4.zeros, GROUP),
@@ -134,7 +170,7 @@ def kernel_table(quick: bool, peak_gbps: float) -> list[dict]:
             times = {}
             for kernel, fn in fns.items():
                 try:
-                    times[kernel] = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+                    times[kernel] = bench_ms(fn)
                 except RuntimeError as err:  # torch._int_mm needs M > 16
                     print(f"  {kernel} M={m} N={n} K={kk} not run: {str(err).splitlines()[0]}")
             for kernel, ms in times.items():
@@ -186,30 +222,31 @@ def pipeline(work: Path, quick: bool) -> dict:
              QuantSpec(name="fp8", scheme="FP8_DYNAMIC"),
              QuantSpec(name="w4-awq", scheme="W4A16_ASYM", method="awq", options={"max_tokens": 4096}),
              QuantSpec(name="w4-gptq", scheme="W4A16_ASYM", method="gptq", options={"max_tokens": 4096})]
-    models = {"smollm2-135m": {"dir": str(ROOT / "benchmarks" / "smollm2-135m")}, "llama-1b": LLAMA_1B}
     result = {}
-    for label, config in list(models.items())[:1 if quick else 2]:
+    for label, config in list(MODELS.items())[:1 if quick else 2]:
         path = _random_model(config, work / label)
-        source = ModelConfig(source=str(path), device="cuda", dtype="bfloat16")
+        source = ModelConfig(source=str(path), device=DEVICE, dtype="bfloat16")
         stages = {}
 
         def timed(name, fn):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            sync()
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             out = fn()
-            torch.cuda.synchronize()
-            stages[name] = {"seconds": time.perf_counter() - t0, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30}
+            sync()
+            stages[name] = {"seconds": time.perf_counter() - t0, "peak_gpu_gb": gpu_gb(peak=True)}
             return out
 
         model = timed("load", lambda: _load_weights_only(source))
-        samples = _samples(model.config.vocab_size, 32 if quick else 128, 512)
+        count, length, batch = SAMPLES
+        samples = _samples(model.config.vocab_size, count // 4 if quick else count, length)
         stats = timed("stats", lambda m=model: collect_stats(m, samples))
-        ids = torch.stack(_samples(model.config.vocab_size, 8, 512)).to("cuda")
+        ids = torch.stack(_samples(model.config.vocab_size, batch, length)).to(DEVICE)
         for spec in specs:
             v = timed(f"quantize {spec.name}", lambda m=model, s=spec: quantize_variant(m, s, stats, samples)).model
             with torch.inference_mode():
-                timed(f"forward {spec.name} (8 x 512)", lambda v=v: v(input_ids=ids, use_cache=False))
+                timed(f"forward {spec.name} ({batch} x {length})", lambda v=v: v(input_ids=ids, use_cache=False))
         model = v = None  # free the GPU before the streamed walk
         torch.cuda.empty_cache()
         timed("streamed: stats + all variants", lambda: quantize_variants(Streamed(source), samples, specs))
@@ -231,15 +268,15 @@ def _load_weights_only(source):
 def decode_tokens_per_s(model, new_tokens: int) -> float:
     """Greedy decode with a static KV cache (transformers compiles the step, CUDA graphs): (new_tokens - 1) / (time of
     new_tokens - time of 1), so the prompt's prefill cancels out."""
-    ids = torch.arange(1, 17, device="cuda")[None]
+    ids = torch.arange(1, 17, device=DEVICE)[None]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     def generate(count: int) -> float:
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
                        do_sample=False, pad_token_id=pad, cache_implementation="static")
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t0
 
     generate(4)  # warm up: autotuning, compilation
@@ -251,9 +288,8 @@ def decode(work: Path, quick: bool) -> list[dict]:
     from quant.models import ModelConfig
 
     rows = []
-    for label, config in [("smollm2-135m", {"dir": str(ROOT / "benchmarks" / "smollm2-135m")}),
-                          ("llama-1b", LLAMA_1B)][:1 if quick else 2]:
-        source = ModelConfig(source=str(_random_model(config, work / label)), device="cuda", dtype="bfloat16")
+    for label, config in list(MODELS.items())[:1 if quick else 2]:
+        source = ModelConfig(source=str(_random_model(config, work / label)), device=DEVICE, dtype="bfloat16")
         base = None
         for name in ("bf16", "W4A16_ASYM", "W8A8", "FP8_DYNAMIC"):
             model = _load_weights_only(source)
@@ -263,7 +299,7 @@ def decode(work: Path, quick: bool) -> list[dict]:
                 tps = decode_tokens_per_s(model, 32 if quick else 128)
             base = base or tps
             rows.append({"model": label, "path": name, "tokens_per_s": tps, "vs_bf16": tps / base,
-                         "gpu_gb": torch.cuda.memory_allocated() / 2**30})
+                         "gpu_gb": gpu_gb()})
             del model
             torch.cuda.empty_cache()
     return rows
@@ -276,14 +312,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape and one model: a smoke run")
     ap.add_argument("--peak-gbps", type=float, default=4800, help="the GPU's memory bandwidth (H200 4800, H100 3350)")
     ap.add_argument("--only", nargs="*", default=["correctness", "kernels", "pipeline", "decode"])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script, measures nothing")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check.py needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    if args.smoke:
+        smoke()
+    elif not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py needs an NVIDIA GPU (torch.cuda.is_available() is False); --smoke runs on CPU")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     import triton
 
-    summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    summary = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (--smoke)", "torch": torch.__version__, "triton": triton.__version__}
     print(json.dumps(summary))
     t0 = time.perf_counter()
     if "correctness" in args.only:

@@ -131,7 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
     finally:
         if distributed:
             dist.destroy_process_group()
-    out = {name: {"text": e.text, "mmlu": e.mmlu} for name, e in evals.items()}
+    out = {name: {"text": e.text, "mmlu": e.mmlu, "tasks": e.tasks} for name, e in evals.items()}
     if args.out:
         write_text_atomic(args.out, json.dumps(out, indent=1))
     keys = [("text", "perplexity"), ("text", "accuracy"), ("text", "ece"), ("text", "kl_to_reference"),

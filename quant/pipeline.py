@@ -27,6 +27,8 @@ from quant.checks import REFERENCE, GateReport, ModelEval, check_gates, eval_win
 from quant.checks.evaluation import check_tokenizer, templated
 from quant.checks.plots import confidence_histogram, reliability_diagram
 from quant.checks.report import write_report
+from quant.checks.tasks import describe
+from quant.data.tasks import load_task
 from quant.files import atomic_path, write_text_atomic
 from quant.formats import export, save_quantized
 from quant.methods import QuantizeResult, kernel_paths, prepare_kernels, quantize_variant, quantize_variants
@@ -152,7 +154,9 @@ def _setup(recipe: Recipe, tokenizer) -> str:
     if mmlu is None:
         return line + "off"
     prompt = "chat template" if templated(tokenizer, mmlu.chat_template) else "plain prompt ending 'Answer:'"
-    return line + f"{mmlu.per_subject} items per subject (report split), {prompt}"
+    if mmlu.shots:
+        prompt = f"standard {mmlu.shots}-shot prompt, examples from the subject's fit split"
+    return line + f"{mmlu.mode}, {mmlu.per_subject} items per subject (report split), {prompt}"
 
 
 def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
@@ -221,7 +225,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     for name, ev in evals.items():
         base = name.removesuffix(SUFFIX) if name in shipped else name
         v = variants.get(base)
-        evaluation[name] = {"text": ev.text, "mmlu": ev.mmlu, "answer_distribution": ev.answer_distribution,
+        evaluation[name] = {"text": ev.text, "mmlu": ev.mmlu, "tasks": ev.tasks,
+                            "answer_distribution": ev.answer_distribution,
                             "intervals": {k: asdict(e) for k, e in ev.intervals.items()},
                             "vs_reference": {k: {c: asdict(e) for c, e in d.items()} for k, d in ev.vs_reference.items()},
                             "temperature": fits[base].temperature if name in shipped else None,
@@ -243,6 +248,10 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
         "stats": {"layers": len(stats.layers), "top_outlier_layers": dict(sorted(
             stats.summary().items(), key=lambda kv: -kv[1]["outlier_ratio"])[:5])},
         "evaluation": evaluation,
+        "tasks": {**{t.name: describe(load_task(t), tokenizer) for t in recipe.evaluation.tasks},
+                  **{t: "lm-eval task through the bridge (quant/checks/harness.py): log-likelihood of each choice, "
+                        "confidence = softmax over the choices' summed log-likelihoods; acc and acc_norm as lm-eval"
+                     for t in (recipe.evaluation.lm_eval.tasks if recipe.evaluation.lm_eval else ())}},
         "gates": {"passed": gates.passed, "results": [r.__dict__ for r in gates.results],
                   "lines": [r.line() for r in gates.results], "markdown": gates.markdown()},
         "recalibration": {n: {**asdict(f), "variant": n + SUFFIX} for n, f in fits.items()},
@@ -264,6 +273,12 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
             confidence_histogram({n: p.confidence for n, p in preds.items()}, REFERENCE,
                                  run_dir / f"confidence_{kind}.png", f"{kind} confidence ({recipe.name})")
             report["confidence_bands"][kind] = {n: band_table(p.confidence, p.correct) for n, p in preds.items()}
+    for section in evals[REFERENCE].task_predictions:  # one reliability diagram per task section
+        preds = {n: ev.task_predictions[section] for n, ev in evals.items()}
+        reliability_diagram({n: (p.confidence, p.correct) for n, p in preds.items()},
+                            run_dir / f"reliability_task_{section}.png", f"task {section} reliability ({recipe.name})",
+                            recipe.evaluation.ece_bins)
+        report["confidence_bands"][f"task.{section}"] = {n: band_table(p.confidence, p.correct) for n, p in preds.items()}
     write_report(report, run_dir)
     for cfg in recipe.export:
         timed(f"export_{cfg.variant}_{cfg.format}", export, run_dir, cfg,

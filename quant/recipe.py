@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,9 @@ from quant.confidence import SUFFIX, RecalibrateConfig
 from quant.data import SelectConfig
 from quant.errors import CalqError
 from quant.checks import REFERENCE, EvalConfig, GateRule
+from quant.checks.evaluation import split_metric
+from quant.checks.tasks import task_sections
+from quant.data.tasks import load_task
 from quant.formats import ExportConfig
 from quant.formats.exporter import export_problems
 from quant.methods import METHODS, QuantSpec, is_ignored
@@ -64,6 +68,17 @@ class Recipe(StrictModel):
                  for e in self.export if e.variant not in names]
         if self.evaluation.mmlu is None:
             found += [f"gate on {g.metric} but evaluation.mmlu is off" for g in self.gates if g.metric.startswith("mmlu.")]
+        sections = {s: m for t in self.evaluation.tasks for s, m in task_sections(t).items()}
+        sections.update(self.evaluation.lm_eval.sections() if self.evaluation.lm_eval else {})
+        for g in self.gates:
+            section, name = split_metric(g.metric)
+            if not section.startswith("task."):
+                continue
+            if section not in sections:
+                found.append(f"gate on {g.metric}: no such task section; evaluation.tasks has "
+                             f"{', '.join(sections) or 'none'}")
+            elif name not in sections[section]:
+                found.append(f"gate on {g.metric}: {section} reports {', '.join(m for m in sections[section] if m != 'n')}")
         if found:
             raise ValueError("; ".join(found))
         return self
@@ -130,6 +145,14 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise CalqError(_error_line(err, path)) from err
+    if recipe.evaluation.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
+        raise CalqError(f"{path}: evaluation.lm_eval needs the lm-eval extra: pip install 'calq[lm-eval]' "
+                        "(lm-eval==0.4.13)")
+    for task in recipe.evaluation.tasks:  # every task file read and checked before any model loads
+        try:
+            load_task(task)
+        except CalqError as err:
+            raise CalqError(f"{path}: {err}") from err
     found = model_problems(recipe)
     if found:
         raise CalqError(f"{path}: " + "; ".join(found))

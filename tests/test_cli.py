@@ -11,7 +11,7 @@ import quant
 from quant.cli import main
 from quant.formats.checkpoint import checkpoint_info
 from tests.conftest import _corpus, tiny_config
-from tests.evaluate.test_report import tiny_run  # noqa: F401  (fixture)
+from tests.checks.test_report import tiny_run  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def test_eval_of_a_run_directory_and_of_checkpoints(tiny_run, saved, capsys):  #
     metrics = json.loads((saved / "eval.json").read_text())
     # the saved (re-calibrated) checkpoint evaluated again: the run's own w4+T numbers
     assert metrics["w4"]["text"]["perplexity"] == pytest.approx(tiny_run.evals["w4+T"].text["perplexity"], rel=1e-5)
+    assert metrics["w4"]["tasks"]["mc"]["ece"] == pytest.approx(tiny_run.evals["w4+T"].tasks["mc"]["ece"], rel=1e-5)
     recipe = json.loads((run_dir / "recipe.json").read_text())
     assert main(["eval", str(run_dir / "models" / "w4"), "--reference", recipe["model"]["source"]]) == 0
     assert main(["eval", str(run_dir / "models" / "w4")]) == 2

@@ -6,7 +6,7 @@ import pytest
 from quant.compare import write_comparison
 from quant.methods import QuantSpec
 from quant.recipe import load_recipe
-from tests.evaluate.test_report import tiny_run  # noqa: F401  (fixture)
+from tests.checks.test_report import tiny_run  # noqa: F401  (fixture)
 
 COMPARISON = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "compare.yaml").quantize
 

@@ -87,3 +87,26 @@ def test_the_check_catches_a_tensor_made_without_a_device(tiny_model):
     weight = tiny_model.model.layers[0].mlp.down_proj.weight
     with default_device_meta(), pytest.raises((RuntimeError, NotImplementedError)):
         (weight * torch.ones(weight.shape[1])).sum().item()
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_task_scoring_computes_on_the_models_device(tiny_model, tokenizer, tmp_path):
+    import json
+
+    import numpy as np
+
+    from quant.checks.tasks import collect_tasks
+    from quant.data.tasks import TaskConfig, load_task
+
+    rows = [{"question": f"alpha {i}", "choices": ["beta", "gamma delta", "river"], "answer": i % 3} for i in range(6)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = [load_task(TaskConfig(name=n, path=str(tmp_path / "t.jsonl"), kind="multiple_choice", scoring=s))
+             for n, s in (("ll", "loglikelihood"), ("letters", "letters"))]
+    tasks.append(load_task(TaskConfig(name="ft", path="builtin:facts", kind="free_text", max_items=3,
+                                      max_new_tokens=3)))
+    with default_device_meta():
+        out = collect_tasks({"fp": tiny_model, "fp+T": Tempered("fp", 1.5)}, tokenizer, tasks)
+    assert set(out) == {"task.ll", "task.letters", "task.ft", "task.ft.mean_token"}
+    for section in out.values():
+        for p in section.values():
+            assert np.isfinite(p.confidence).all() and ((p.confidence > 0) & (p.confidence <= 1)).all()

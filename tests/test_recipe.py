@@ -115,3 +115,42 @@ export:
     assert "export gguf" not in message
     assert quant.recipe.model_problems(load_recipe.__globals__["Recipe"].model_validate(
         {"name": "ok", "model": {"source": str(model_dir)}, "quantize": [{"name": "w8", "scheme": "W8A8"}]})) == []
+
+
+def test_a_missing_task_file_or_field_fails_at_load_in_seconds(tmp_path):
+    """Checked before any model is loaded: the recipe names a model that does not exist either, which would fail later."""
+    import time
+    head = "name: x\nmodel: {source: /nonexistent/model}\nquantize: [{name: a, scheme: W8A8}]\nevaluation:\n  tasks:\n"
+    t0 = time.perf_counter()
+    with pytest.raises(CalqError, match=r"r.yaml: .*task qa: task file .*nope.jsonl does not exist"):
+        load_recipe(_write(tmp_path, head + f"    - {{name: qa, kind: free_text, path: {tmp_path}/nope.jsonl}}\n"))
+    (tmp_path / "qa.jsonl").write_text('{"q": "Capital of France?", "answer": "Paris"}\n')
+    with pytest.raises(CalqError, match=r"qa.jsonl:1: no field 'question' \(fields present: q, answer\)") as err:
+        load_recipe(_write(tmp_path, head + f"    - {{name: qa, kind: free_text, path: {tmp_path}/qa.jsonl}}\n"))
+    assert "\n" not in str(err.value) and time.perf_counter() - t0 < 10
+
+
+def test_task_gates_are_checked_against_the_tasks(tmp_path):
+    head = "name: x\nquantize: [{name: a, scheme: W8A8}]\nevaluation:\n  tasks:\n" \
+           "    - {name: qa, kind: free_text, path: builtin:facts, fields: {id: id}}\n"
+    with pytest.raises(CalqError, match=r"gate on task.qb.ece: no such task section; evaluation.tasks has task.qa, "
+                                        r"task.qa.mean_token"):
+        load_recipe(_write(tmp_path, head + "gates: [{metric: task.qb.ece, max: 0.1}]\n"))
+    with pytest.raises(CalqError, match=r"gate on task.qa.acc_norm: task.qa reports accuracy"):
+        load_recipe(_write(tmp_path, head + "gates: [{metric: task.qa.acc_norm, max_drop: 0.1}]\n"))
+    with pytest.raises(CalqError, match=r"task gates are task.<name>.<metric>"):
+        load_recipe(_write(tmp_path, head + "gates: [{metric: task.qa, max: 0.1}]\n"))
+    r = load_recipe(_write(tmp_path, head + "gates: [{metric: task.qa.mean_token.ece, max: 0.3}, "
+                                            "{metric: task.qa.accuracy, max_drop: 0.1}]\n"))
+    assert [g.metric for g in r.gates] == ["task.qa.mean_token.ece", "task.qa.accuracy"]
+
+
+def test_lm_eval_task_gates_are_checked_at_load(tmp_path):
+    head = "name: x\nquantize: [{name: a, scheme: W8A8}]\nevaluation: {lm_eval: {tasks: [arc_easy]}}\n"
+    r = load_recipe(_write(tmp_path, head + "gates: [{metric: task.arc_easy.acc_norm, max_drop: 0.05}]\n"))
+    assert r.evaluation.lm_eval.tasks == ("arc_easy",)
+    with pytest.raises(CalqError, match=r"gate on task.arc_easy.truncated: task.arc_easy reports accuracy"):
+        load_recipe(_write(tmp_path, head + "gates: [{metric: task.arc_easy.truncated, max: 0.05}]\n"))
+    with pytest.raises(CalqError, match=r"lm-eval task name 'mmlu.x'"):
+        load_recipe(_write(tmp_path, "name: x\nquantize: [{name: a, scheme: W8A8}]\n"
+                                     "evaluation: {lm_eval: {tasks: [mmlu.x]}}\n"))

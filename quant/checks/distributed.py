@@ -17,7 +17,8 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from quant.confidence.recalibrate import Models
-from quant.data import load_mmlu
+from quant.checks.tasks import collect_tasks
+from quant.data import load_mmlu, load_task
 from quant.errors import CalqError
 from quant.checks.evaluation import (EvalConfig, ModelEval, Predictions, collect_text, eval_windows, mmlu_predictions,
                                        mmlu_probabilities, reduce, stratified_items)
@@ -54,4 +55,6 @@ def evaluate_distributed(models: Models, tokenizer: PreTrainedTokenizerBase, cfg
             dist.all_reduce(t)
             np.copyto(p, t.numpy())
         predictions["mmlu"] = mmlu_predictions(probs, items)
+    # tasks are not sharded yet: every process scores them all (the same numbers, no speed-up)
+    predictions.update(collect_tasks(models, tokenizer, [load_task(t) for t in cfg.tasks]))
     return reduce(predictions, cfg, reference)

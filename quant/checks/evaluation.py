@@ -14,13 +14,14 @@ Tokens of one window are correlated, so text resamples whole windows (cluster bo
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -28,16 +29,17 @@ from transformers import PreTrainedTokenizerBase
 from quant.confidence import metrics
 from quant.confidence.lens import LensConfig
 from quant.confidence.recalibrate import Models, forward_groups
+from quant.checks.scoring import LETTERS, SUMMARY, Predictions, choice_predictions, letter_probabilities, letter_token_ids
+from quant.checks.tasks import collect_tasks
 from quant.data import MCItem, load_documents, load_mmlu, special_prefix
+from quant.data.tasks import TASK_NAME, TaskConfig, load_task
 from quant.errors import CalqError
 from quant.schema import StrictModel
 
-LETTERS = "ABCD"
-SUMMARY = ("n", "accuracy", "mean_confidence", "ece", "ece_mass", "mce", "auroc", "aurc", "selective_coverage",
-           "selective_accuracy", "nll", "brier")
 METRICS = {"text": (*SUMMARY, "perplexity", "kl_to_reference", "top1_agreement"), "mmlu": SUMMARY,
            "coverage": ("share",)}
-"""Every metric the evaluation reports, by section: what a gate rule may name (checked when the recipe loads)."""
+"""Every metric the evaluation reports, by section: what a gate rule may name (checked when the recipe loads). Task
+sections (`task.<name>`) have theirs in quant.checks.tasks.task_sections, checked against the recipe's tasks."""
 REFERENCE = "fp"
 """The name of the full-precision model among the evaluated ones: what KL, agreement and gates compare against."""
 
@@ -53,6 +55,22 @@ class MMLUConfig(StrictModel):
     chat_template: bool = True
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+    shots: int = Field(0, ge=0, le=10)
+    """0: zero-shot. k: k-shot with the standard prompt (Hendrycks et al., lm-eval's mmlu), the examples being the
+    first k items of the subject's fit split in seeded order (the packaged MMLU has no dev split; fit items are
+    never reported)."""
+
+    @model_validator(mode="after")
+    def _plain_for_shots(self) -> MMLUConfig:
+        if self.shots and self.chat_template:
+            raise ValueError("MMLU k-shot uses the standard plain prompt; set evaluation.mmlu.chat_template: false "
+                             "(or shots: 0)")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """What the report calls this MMLU: zero-shot or k-shot."""
+        return f"{self.shots}-shot" if self.shots else "zero-shot"
 
 
 class BootstrapConfig(StrictModel):
@@ -60,6 +78,27 @@ class BootstrapConfig(StrictModel):
     level: float = Field(0.95, gt=0.5, lt=1)
     """Confidence level of every interval (0.95: the 2.5th and 97.5th percentiles of the resamples)."""
     seed: int = 0
+
+
+class LMEvalConfig(StrictModel):
+    tasks: tuple[str, ...] = Field(min_length=1)
+    """lm-eval task names (multiple choice); each is also calq's task name in the report and in gates."""
+    include_path: str | None = None
+    """A folder of lm-eval task YAML files (offline: dataset_path: json with local data_files)."""
+    limit: int | None = Field(None, ge=1)
+    """At most this many documents per task (lm-eval's limit)."""
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> LMEvalConfig:
+        bad = [t for t in self.tasks if not re.fullmatch(TASK_NAME, t)]
+        if bad:
+            raise ValueError(f"lm-eval task name {bad[0]!r}: calq names it in gates as task.<name>.<metric>, so use "
+                             "letters, digits, '_' and '-' (a task group: list its tasks)")
+        return self
+
+    def sections(self) -> dict[str, tuple[str, ...]]:
+        return {f"task.{t}": (*SUMMARY, "acc", "acc_norm") for t in self.tasks}
 
 
 class EvalConfig(StrictModel):
@@ -74,29 +113,18 @@ class EvalConfig(StrictModel):
     0 prepares each weight on every call (slow, no memory)."""
     logit_lens: LensConfig | None = None
     """Layer-wise calibration (quant/confidence/lens.py) on a few evaluation windows; null skips it."""
+    tasks: tuple[TaskConfig, ...] = ()
+    """The user's own tasks (quant/data/tasks.py), each reported and gated as task.<name>.<metric>."""
+    lm_eval: LMEvalConfig | None = None
+    """lm-evaluation-harness tasks through the bridge (quant/checks/harness.py; the lm-eval extra), reported and
+    gated as task.<lm-eval task>.<metric> like task files; null: none."""
 
-
-@dataclass
-class Predictions:
-    """Raw per-item arrays of one model on one kind of data (text tokens or MMLU items): everything its
-    metrics, intervals and plots are reduced from."""
-
-    confidence: np.ndarray
-    correct: np.ndarray
-    prediction: np.ndarray
-    """Predicted class: token id (text) or answer letter index (MMLU)."""
-    cluster: np.ndarray
-    """Bootstrap resampling unit of each item: its window (text) or the item itself (MMLU)."""
-    values: dict[str, np.ndarray] = field(default_factory=dict)
-    """Per-item quantities reported as their mean: nll, brier, kl_to_reference, top1_agreement."""
-
-    @classmethod
-    def concatenate(cls, parts: list[Predictions]) -> Predictions:
-        """Join shards (in order); cluster ids are offset so clusters of different shards stay distinct."""
-        offsets = np.cumsum([0] + [int(p.cluster.max()) + 1 if len(p.cluster) else 0 for p in parts[:-1]])
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("confidence", "correct", "prediction")),
-                   np.concatenate([p.cluster + o for p, o in zip(parts, offsets)]),
-                   {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values})
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> EvalConfig:
+        names = [t.name for t in self.tasks] + list(self.lm_eval.tasks if self.lm_eval else ())
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation.tasks and evaluation.lm_eval.tasks names must be unique (got {names})")
+        return self
 
 
 @dataclass(frozen=True)
@@ -125,6 +153,22 @@ class ModelEval:
     mmlu_predictions: Predictions | None = None
     coverage: dict[str, float] = field(default_factory=dict)
     """`share`: the fraction of the variant's matmul weights quantized (0 for the reference), for gate rules."""
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Metrics of each task section (`facts`, `facts.mean_token`, ...: the section without its `task.` prefix)."""
+    task_predictions: dict[str, Predictions] = field(default_factory=dict)
+
+    def section(self, section: str) -> dict[str, float]:
+        """The metrics of a report section: `text`, `mmlu` or `task.<name>[.mean_token]`."""
+        if section.startswith("task."):
+            return self.tasks.get(section.removeprefix("task."), {})
+        return getattr(self, section)
+
+
+def split_metric(metric: str) -> tuple[str, str]:
+    """(section, metric name) of a dotted metric: `text.ece` -> (text, ece), `task.qa.mean_token.ece` ->
+    (task.qa.mean_token, ece)."""
+    section, _, name = metric.rpartition(".") if metric.startswith("task.") else metric.partition(".")
+    return section, name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,9 +231,7 @@ def collect_text(models: Models, windows: list[Tensor], reference: str) -> dict[
 
 def stratified_items(items: list[MCItem], per_subject: int, seed: int) -> list[MCItem]:
     """`per_subject` items of every subject, chosen by a seeded hash (stable across runs and machines)."""
-    by_subject: dict[str, list[MCItem]] = {}
-    for it in items:
-        by_subject.setdefault(it.subject, []).append(it)
+    by_subject = _by_subject(items)
     key = lambda it: hashlib.sha1(f"{seed}:{it.item_id}".encode()).hexdigest()  # noqa: E731
     return [it for subj in sorted(by_subject) for it in sorted(by_subject[subj], key=key)[:per_subject]]
 
@@ -201,8 +243,29 @@ def templated(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> bool:
     return chat_template and bool(tokenizer.chat_template)
 
 
-def mmlu_prompt(item: MCItem, tokenizer: PreTrainedTokenizerBase, use_template: bool) -> str:
+def mmlu_shots(cfg: MMLUConfig) -> dict[str, list[MCItem]]:
+    """The k-shot examples of every subject: its first `shots` fit items in the seeded order (none for zero-shot)."""
+    return {} if not cfg.shots else {
+        subject: items for subject, items in _by_subject(stratified_items(load_mmlu("fit"), cfg.shots, cfg.seed)).items()}
+
+
+def _by_subject(items: list[MCItem]) -> dict[str, list[MCItem]]:
+    out: dict[str, list[MCItem]] = {}
+    for it in items:
+        out.setdefault(it.subject, []).append(it)
+    return out
+
+
+def _question_block(item: MCItem) -> str:
+    return f"{item.question}\n" + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(item.choices)) + "Answer:"
+
+
+def mmlu_prompt(item: MCItem, tokenizer: PreTrainedTokenizerBase, use_template: bool,
+                shots: list[MCItem] | tuple[MCItem, ...] = ()) -> str:
     subject = item.subject.replace("_", " ")
+    if shots:  # the standard k-shot prompt, plain text
+        return (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+                + "".join(f"{_question_block(s)} {LETTERS[s.answer]}\n\n" for s in shots) + _question_block(item))
     body = (f"The following is a multiple choice question about {subject}.\n\n{item.question}\n"
             + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(item.choices))
             + "Answer with the letter of the correct option.")
@@ -224,45 +287,16 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig) -> None
         letter_token_ids(tokenizer, templated(tokenizer, cfg.mmlu.chat_template))
 
 
-def letter_token_ids(tokenizer: PreTrainedTokenizerBase, use_template: bool) -> list[int]:
-    """Token id of each answer letter as it follows the prompt."""
-    ids = []
-    for letter in LETTERS:
-        toks = tokenizer.encode(letter if use_template else f" {letter}", add_special_tokens=False)
-        if len(toks) != 1:
-            raise CalqError(f"the tokenizer splits answer letter {letter!r} into {len(toks)} tokens; "
-                            "MMLU letter scoring needs single-token letters (set evaluation.mmlu: null)")
-        ids.append(toks[0])
-    return ids
-
-
-@torch.inference_mode()
 def mmlu_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
-               cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+                       cfg: MMLUConfig, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
     """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
     batch from rank (the other rows stay 0), so processes share the work with the same batches."""
     use_template = templated(tokenizer, cfg.chat_template)
-    letters = letter_token_ids(tokenizer, use_template)
-    encoded = [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template), use_template) for it in items]
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    probs = {name: np.zeros((len(items), len(LETTERS))) for name in models}
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)][shard[0]::shard[1]]
-    groups = forward_groups(models)
-    for batch in tqdm(batches, desc="eval mmlu", unit="batch"):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long, device="cpu")  # token ids: host data
-        mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
-        for row, i in enumerate(batch):  # left padding: the answer position is the last column
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], device="cpu")
-            mask[row, width - len(encoded[i]):] = 1
-        for model, views in groups:
-            dev = next(model.parameters()).device
-            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
-            z = out.logits[:, -1, letters].float().cpu()
-            for name, temperature in views:
-                probs[name][batch] = (z / temperature).softmax(-1).numpy()
-    return probs
+    shots = mmlu_shots(cfg)
+    encoded = [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template, shots.get(it.subject, ())),
+                             use_template) for it in items]
+    return letter_probabilities(models, tokenizer, encoded, letter_token_ids(tokenizer, use_template),
+                                [len(LETTERS)] * len(items), cfg.batch_size, f"eval mmlu ({cfg.mode})", shard)
 
 
 def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
@@ -272,15 +306,7 @@ def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list
 
 
 def mmlu_predictions(probs: dict[str, np.ndarray], items: list[MCItem]) -> dict[str, Predictions]:
-    labels = np.array([it.answer for it in items])
-    rows = np.arange(len(items))
-    out = {}
-    for name, p in probs.items():
-        p_true = p[rows, labels]
-        out[name] = Predictions(p.max(1), p.argmax(1) == labels, p.argmax(1), rows,
-                                {"nll": -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0)),
-                                 "brier": (p * p).sum(1) - 2 * p_true + 1})
-    return out
+    return choice_predictions(probs, np.array([it.answer for it in items]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,19 +350,21 @@ def _reduce_kind(preds: dict[str, Predictions], cfg: EvalConfig, reference: str,
 
 def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, reference: str) -> dict[str, ModelEval]:
     """Metrics of every model from collected predictions ({"text": {model: ...}, "mmlu": {model: ...}})."""
-    names = list(predictions["text"])
+    names = list(next(iter(predictions.values())))
     results = {name: ModelEval() for name in names}
-    for kind, section in (("text", "text"), ("mmlu", "mmlu")):
-        if kind not in predictions:
-            continue
-        for name, (points, intervals, changes) in _reduce_kind(predictions[kind], cfg, reference,
-                                                                perplexity=kind == "text").items():
+    for section, preds in predictions.items():
+        for name, (points, intervals, changes) in _reduce_kind(preds, cfg, reference,
+                                                                perplexity=section == "text").items():
             r = results[name]
-            setattr(r, section, points)
+            if section.startswith("task."):
+                r.tasks[section.removeprefix("task.")] = points
+                r.task_predictions[section.removeprefix("task.")] = preds[name]
+            else:
+                setattr(r, section, points)
             r.intervals.update({f"{section}.{k}": v for k, v in intervals.items()})
             r.vs_reference.update({f"{section}.{k}": v for k, v in changes.items()})
     for name, r in results.items():
-        r.token_predictions = predictions["text"][name]
+        r.token_predictions = predictions["text"][name] if "text" in predictions else None
         if "mmlu" in predictions:
             r.mmlu_predictions = predictions["mmlu"][name]
             counts = Counter(LETTERS[i] for i in r.mmlu_predictions.prediction)
@@ -358,4 +386,20 @@ def evaluate(models: Models, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig
     if cfg.mmlu is not None:
         items = stratified_items(load_mmlu("report"), cfg.mmlu.per_subject, cfg.mmlu.seed)
         predictions["mmlu"] = collect_mmlu(models, tokenizer, items, cfg.mmlu)
+    predictions.update(collect_tasks(models, tokenizer, [load_task(t) for t in cfg.tasks]))
+    if cfg.lm_eval is not None:
+        predictions.update(lm_eval_predictions(models, tokenizer, cfg.lm_eval))
     return reduce(predictions, cfg, reference)
+
+
+def lm_eval_predictions(models: Models, tokenizer: PreTrainedTokenizerBase,
+                        cfg: LMEvalConfig) -> dict[str, dict[str, Predictions]]:
+    """The lm-eval tasks' predictions by section task.<name> (the bridge is imported here: lm-eval is optional)."""
+    from quant.checks.harness import run_harness  # noqa: PLC0415 (optional extra)
+
+    preds, _ = run_harness(models, tokenizer, list(cfg.tasks), cfg.include_path, cfg.limit, cfg.batch_size)
+    missing = [t for t in cfg.tasks if f"lm_eval.{t}" not in preds]
+    if missing:
+        raise CalqError(f"lm-eval task {missing[0]} is not multiple choice (no set of choices per document); the "
+                        "bridge's calibration metrics need multiple_choice tasks")
+    return {f"task.{t}": preds[f"lm_eval.{t}"] for t in cfg.tasks}

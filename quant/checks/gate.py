@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from pathlib import Path
 from pydantic import model_validator
 
 from quant.errors import CalqError
-from quant.checks.evaluation import METRICS, ModelEval
+from quant.checks.evaluation import METRICS, ModelEval, split_metric
+from quant.checks.tasks import MEAN_TOKEN
+from quant.data.tasks import TASK_NAME
 from quant.files import write_text_atomic
 from quant.schema import StrictModel
 
@@ -48,9 +51,14 @@ class GateRule(StrictModel):
         given = [b for b in BOUNDS if getattr(self, b) is not None]
         if len(given) != 1:
             raise ValueError(f"gate on {self.metric!r} needs exactly one of {', '.join(BOUNDS)} (got {given or 'none'})")
-        section, _, name = self.metric.partition(".")
-        if name not in METRICS.get(section, ()):
-            known = ", ".join(f"{s}.{m}" for s, names in METRICS.items() for m in names if m != "n")
+        section, name = split_metric(self.metric)
+        if self.metric.startswith("task."):  # the recipe checks the task exists and reports this metric
+            if not re.fullmatch(rf"task\.{TASK_NAME}(\.{MEAN_TOKEN})?", section) or not name:
+                raise ValueError(f"gate metric {self.metric!r}: task gates are task.<name>.<metric> "
+                                 f"(or task.<name>.{MEAN_TOKEN}.<metric> for free text)")
+        elif name not in METRICS.get(section, ()):
+            known = ", ".join(f"{s}.{m}" for s, names in METRICS.items() for m in names if m != "n") \
+                + ", task.<name>.<metric>"
             raise ValueError(f"gate metric {self.metric!r} is not one the evaluation reports; choose from {known}")
         return self
 
@@ -145,8 +153,8 @@ class GateReport:
 
 
 def _metric(ev: ModelEval, metric: str, variant: str) -> float:
-    section, _, name = metric.partition(".")
-    values = getattr(ev, section)
+    section, name = split_metric(metric)
+    values = ev.section(section)
     if name not in values:
         raise CalqError(f"gate metric {metric!r} is not measured for {variant!r}; "
                         f"available: {', '.join(f'{section}.{k}' for k in values) or 'none (is that evaluation off?)'}")

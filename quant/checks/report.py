@@ -22,8 +22,11 @@ def _fmt(v, digits: int = 4) -> str:
 def _interval(e: dict, key: str, digits: int = 4) -> str:
     """`point [low, high]` from the evaluation's bootstrap intervals (the point alone when there is none)."""
     est = e.get("intervals", {}).get(key)
-    section, _, name = key.partition(".")
     if est is None:
+        if key.startswith("task."):
+            section, _, name = key.removeprefix("task.").rpartition(".")
+            return _fmt(e["tasks"].get(section, {}).get(name), digits)
+        section, _, name = key.partition(".")
         return _fmt(e[section].get(name), digits)
     return f"{est['value']:.{digits}f} [{est['low']:.{digits}f}, {est['high']:.{digits}f}]"
 
@@ -44,10 +47,36 @@ def _recalibration(report: dict) -> list[str]:
     return lines
 
 
+TASK_ROWS = (("accuracy", "accuracy"), ("acc (summed log-likelihood)", "acc"), ("acc_norm (per character)", "acc_norm"),
+             ("mean confidence", "mean_confidence"), ("ECE", "ece"), ("ECE (equal-mass)", "ece_mass"), ("MCE", "mce"),
+             ("Brier", "brier"), ("NLL", "nll"), ("AUROC", "auroc"), ("AURC", "aurc"),
+             ("selective accuracy", "selective_accuracy"), ("selective coverage", "selective_coverage"),
+             ("answers cut at max_new_tokens", "truncated"), ("answer tokens (mean)", "answer_tokens"))
+
+
+def _tasks(report: dict) -> list[str]:
+    """One table per task section: every metric with its interval, fp beside every variant."""
+    ev = report["evaluation"]
+    names = list(ev)
+    lines = ["", "## Tasks (95% bootstrap intervals over items; reliability_task_<name>.png)"]
+    described = report.get("tasks", {})
+    for section in ev[report["reference"]].get("tasks", {}):
+        lines += ["", f"### task.{section}", described.get(section.split(".")[0], "") if "." not in section else
+                  "confidence = mean token probability of the answer (what `calq ask` bands)", "",
+                  "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for label, key in TASK_ROWS:
+            if key in ev[report["reference"]]["tasks"][section]:
+                lines.append(f"| {label} | " + " | ".join(
+                    _interval(ev[n], f"task.{section}.{key}") for n in names) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     ev = report["evaluation"]
     ref = ev[report["reference"]]
     at = report["recipe"]["evaluation"].get("selective_threshold", 0.75)
+    mmlu_cfg = report["recipe"]["evaluation"].get("mmlu") or {}
+    mmlu = f"MMLU {mmlu_cfg['shots']}-shot" if mmlu_cfg.get("shots") else "MMLU zero-shot"
     rows = [
         ("perplexity", lambda e: _interval(e, "text.perplexity", 3), 0),
         ("perplexity vs fp", lambda e: f"{100 * (e['text']['perplexity'] / ref['text']['perplexity'] - 1):+.1f}%", 0),
@@ -64,16 +93,16 @@ def markdown(report: dict) -> str:
         (f"token coverage at confidence >= {at}", lambda e: _interval(e, "text.selective_coverage"), 0),
         ("KL to fp (nats/token)", lambda e: e["text"]["kl_to_reference"], 4),
         ("top-1 agreement with fp", lambda e: e["text"]["top1_agreement"], 4),
-        ("MMLU accuracy", lambda e: _interval(e, "mmlu.accuracy") if e["mmlu"] else None, 0),
-        ("MMLU ECE", lambda e: _interval(e, "mmlu.ece") if e["mmlu"] else None, 0),
-        ("MMLU ECE (equal-mass)", lambda e: _interval(e, "mmlu.ece_mass") if e["mmlu"] else None, 0),
-        ("MMLU Brier", lambda e: _interval(e, "mmlu.brier") if e["mmlu"] else None, 0),
-        ("MMLU NLL", lambda e: _interval(e, "mmlu.nll") if e["mmlu"] else None, 0),
-        ("MMLU AUROC", lambda e: _interval(e, "mmlu.auroc") if e["mmlu"] else None, 0),
-        ("MMLU AURC", lambda e: _interval(e, "mmlu.aurc") if e["mmlu"] else None, 0),
-        (f"MMLU accuracy at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_accuracy") if e["mmlu"] else None, 0),
-        (f"MMLU coverage at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_coverage") if e["mmlu"] else None, 0),
-        ("MMLU answers A/B/C/D", lambda e: "/".join(str(v) for v in e["answer_distribution"].values()) or None, 0),
+        (f"{mmlu} accuracy", lambda e: _interval(e, "mmlu.accuracy") if e["mmlu"] else None, 0),
+        (f"{mmlu} ECE", lambda e: _interval(e, "mmlu.ece") if e["mmlu"] else None, 0),
+        (f"{mmlu} ECE (equal-mass)", lambda e: _interval(e, "mmlu.ece_mass") if e["mmlu"] else None, 0),
+        (f"{mmlu} Brier", lambda e: _interval(e, "mmlu.brier") if e["mmlu"] else None, 0),
+        (f"{mmlu} NLL", lambda e: _interval(e, "mmlu.nll") if e["mmlu"] else None, 0),
+        (f"{mmlu} AUROC", lambda e: _interval(e, "mmlu.auroc") if e["mmlu"] else None, 0),
+        (f"{mmlu} AURC", lambda e: _interval(e, "mmlu.aurc") if e["mmlu"] else None, 0),
+        (f"{mmlu} accuracy at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_accuracy") if e["mmlu"] else None, 0),
+        (f"{mmlu} coverage at confidence >= {at}", lambda e: _interval(e, "mmlu.selective_coverage") if e["mmlu"] else None, 0),
+        (f"{mmlu} answers A/B/C/D", lambda e: "/".join(str(v) for v in e["answer_distribution"].values()) or None, 0),
         ("temperature (re-calibration)", lambda e: e.get("temperature"), 3),
         ("weights (MB)", lambda e: e["size_mb"], 1),
         ("linear layers quantized / kept", lambda e: f"{e['layers_quantized']} / {e['layers_kept']}", 0),
@@ -117,6 +146,8 @@ def markdown(report: dict) -> str:
         for n, items in skipped.items():
             reasons = sorted(set(items.values()))
             lines.append(f"- {n}: {len(items)} skipped ({'; '.join(reasons)}), e.g. {next(iter(items))}")
+    if report.get("tasks"):
+        lines += _tasks(report)
     if report.get("recalibration"):
         lines += _recalibration(report)
     if report["gates"]["results"]:

@@ -42,6 +42,10 @@ class SelectConfig(StrictModel):
     near_duplicate: float = Field(0.9, gt=0, le=1)
     """Cosine similarity of TF-IDF vectors above which two windows count as the same text."""
     seed: int = 0
+    chat_template: bool = False
+    """Wrap every document in the tokenizer's chat template (as one user turn) before cutting windows, so an
+    instruct model is calibrated on text shaped as it is served (what llm-compressor users do); the template writes
+    its own special tokens."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ def _windows(docs: list[Document], tokenizer: PreTrainedTokenizerBase, cfg: Sele
     """(doc, start, window): the documents' tokens cut into windows of at most seq_len tokens, each starting with
     the special prefix; `start` is the text's token offset in its document."""
     step = cfg.seq_len - len(prefix)
-    encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": d.text}], tokenize=False)
+             for d in docs] if cfg.chat_template else [d.text for d in docs]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for doc, ids in zip(docs, encoded):
         for start in range(0, len(ids), step):
             chunk = ids[start:start + step]
@@ -164,7 +170,9 @@ def select_samples(tokenizer: PreTrainedTokenizerBase, cfg: SelectConfig,
                    documents: list[Document] | None = None) -> Selection:
     """Pick `cfg.num_samples` diverse, deduplicated windows from the calibration split of `cfg.sources`."""
     docs = documents if documents is not None else [d for s in cfg.sources for d in load_documents(s, "calibration")]
-    prefix = special_prefix(tokenizer)
+    if cfg.chat_template and not tokenizer.chat_template:
+        raise CalqError("calibration.chat_template is on but the tokenizer has no chat template; set it to false")
+    prefix = [] if cfg.chat_template else special_prefix(tokenizer)
     pool = list(tqdm(_windows(docs, tokenizer, cfg, prefix), desc="tokenize pool", unit="window", leave=False))
     # exact duplicates (same tokens) first, then near duplicates by TF-IDF cosine.
     seen, unique = set(), []

@@ -57,8 +57,8 @@ from quant.errors import CalqError
 from quant.files import (WheelFile, atomic_path, cache_dir, fetch_wheel_file, sha256_file, verify_sidecar,
                          write_sidecar)
 
-__all__ = ["Document", "MCItem", "SplitName", "load_documents", "load_mmlu", "source_fingerprint", "source_names",
-           "split_of"]
+__all__ = ["Document", "HF_PREFIX", "MCItem", "SplitName", "load_documents", "load_mmlu", "parse_hf_source",
+           "read_table", "source_fingerprint", "source_names", "split_of"]
 
 SplitName = Literal["calibration", "evaluation"]
 SPLITS: tuple[str, ...] = ("calibration", "evaluation")
@@ -114,6 +114,8 @@ def load_documents(source: str, split: SplitName) -> list[Document]:
         raise CalqError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if source in _BUILTIN:
         docs = _cached(source, _BUILTIN[source])
+    elif source.startswith(HF_PREFIX):
+        docs = _dedupe(_read_hf(source))
     else:
         path = _local_path(source)
         docs = _dedupe(_read_local(path, f"file:{path}"))
@@ -129,6 +131,8 @@ def source_fingerprint(source: str) -> str:
     name, so an edited data.jsonl is never reused silently."""
     if source in _BUILTIN:
         return f"{source}:{_BUILTIN[source][0]()}:p{PARSER_VERSION}"
+    if source.startswith(HF_PREFIX):
+        return f"{source}:{_hf_dataset(source)[0]._fingerprint}"
     return f"file:{sha256_file(_local_path(source))}"
 
 
@@ -421,20 +425,30 @@ def _read_txt(path: Path, source: str) -> list[Document]:
     return docs
 
 
-def _read_table(path: Path, source: str) -> list[Document]:
+def read_table(path: Path):
+    """A local .jsonl/.json/.csv/.parquet file as a `datasets.Dataset` (one reader for text sources and task files),
+    cached under the calq cache; an unreadable file is a one-line CalqError."""
     import datasets
 
-    builder = "parquet" if path.suffix.lower() == ".parquet" else "json"
+    suffix = path.suffix.lower()
+    builder = {".parquet": "parquet", ".csv": "csv"}.get(suffix, "json")
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
-                                   cache_dir=str(cache_dir() / "hf-datasets"))
+        return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
+                                     cache_dir=str(cache_dir() / "hf-datasets"))
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise CalqError(f"could not read {path} as {builder}: {type(exc).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = "; check for blank lines between items and for a field of mixed types (e.g. indices and texts)" \
+            if builder == "json" else ""
+        raise CalqError(f"could not read {path} as {builder}: {type(exc).__name__}: {first}{hint}") from exc
     finally:
         if bars:
             datasets.enable_progress_bars()
+
+
+def _read_table(path: Path, source: str) -> list[Document]:
+    ds = read_table(path)
     if "text" not in ds.column_names:
         raise CalqError(f"{path} has no 'text' column; columns present: {', '.join(ds.column_names) or '(none)'}")
     texts = list(ds["text"])
@@ -442,6 +456,53 @@ def _read_table(path: Path, source: str) -> list[Document]:
     if bad is not None:
         raise CalqError(f"{path}: the 'text' column must hold strings, found {type(bad).__name__}")
     return [Document(source, f"row:{i}", t) for i, t in enumerate(texts) if t and t.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+HF_PREFIX = "hf:"
+
+
+def parse_hf_source(source: str) -> tuple[str, str, str]:
+    """`hf:<hub id or local dataset dir>[@split][#text field]` -> (id, split, field); defaults train, text."""
+    rest = source[len(HF_PREFIX):]
+    rest, _, field = rest.partition("#")
+    name, _, split = rest.partition("@")
+    if not name:
+        raise CalqError(f"text source {source!r} names no dataset; write hf:<hub id or dataset dir>[@split][#field]")
+    return name, split or "train", field or "text"
+
+
+def _hf_dataset(source: str):
+    """(dataset, text field) of an hf: source: a directory saved with `save_to_disk`, a directory of data files, or
+    a hub id (where the hub is reachable); one line when it cannot be read."""
+    import datasets
+
+    name, split, field = parse_hf_source(source)
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(str(path) if path.is_dir() else name, split=split,
+                                       cache_dir=str(cache_dir() / "hf-datasets"))
+    except KeyError as exc:
+        raise CalqError(f"dataset {name!r} has no split {split!r}; name one with hf:{name}@<split>") from exc
+    except Exception as exc:  # datasets raises many types, offline among them
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CalqError(f"cannot load Hugging Face dataset {name!r} split {split!r} ({type(exc).__name__}: {first}); "
+                        "offline, pass a local dataset directory (save_to_disk) or a .jsonl/.parquet file") from exc
+    if field not in ds.column_names:
+        raise CalqError(f"dataset {name!r} has no text field {field!r} (fields: {', '.join(ds.column_names)}); "
+                        f"name it with hf:{name}@{split}#<field>")
+    return ds, field
+
+
+def _read_hf(source: str) -> list[Document]:
+    ds, field = _hf_dataset(source)
+    return [Document(source, f"row:{i}", t) for i, t in enumerate(ds[field]) if isinstance(t, str) and t.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -126,3 +126,27 @@ def test_windows_start_with_the_tokenizers_bos_which_is_never_a_target(tiny_mode
     assert torch.equal(with_bos[0][1:], plain[0][:63])  # the same text, shifted by the BOS
     preds = collect_text({"fp": tiny_model}, with_bos, "fp")["fp"]
     assert len(preds.correct) == 3 * 63  # every text token is a target, the BOS none
+
+
+def test_mmlu_k_shot_uses_the_standard_prompt_with_examples_from_the_fit_split(tiny_model, tokenizer):
+    from quant.checks.evaluation import mmlu_shots
+
+    cfg = MMLUConfig(per_subject=1, shots=5, chat_template=False, batch_size=4)
+    assert cfg.mode == "5-shot" and MMLUConfig().mode == "zero-shot"
+    with pytest.raises(ValueError, match="k-shot uses the standard plain prompt"):
+        MMLUConfig(shots=5)
+    shots = mmlu_shots(cfg)
+    fit = {it.item_id for it in load_mmlu("fit")}
+    assert len(shots) == 57 and all(len(v) == 5 and {s.item_id for s in v} <= fit for v in shots.values())
+    assert all(s.subject == subject for subject, v in shots.items() for s in v)
+    item = stratified_items(load_mmlu("report"), 1, 0)[0]
+    prompt = mmlu_prompt(item, tokenizer, False, shots[item.subject])
+    first = shots[item.subject][0]
+    assert prompt.startswith(f"The following are multiple choice questions (with answers) about "
+                             f"{item.subject.replace('_', ' ')}.\n\n{first.question}\nA. {first.choices[0]}\n")
+    assert prompt.count("\nAnswer:") == 6 and prompt.endswith(f"D. {item.choices[3]}\nAnswer:")
+    assert f"Answer: {'ABCD'[first.answer]}\n\n" in prompt
+    probs = mmlu_probabilities({"m": tiny_model}, tokenizer, [item], cfg)["m"][0]
+    logits = tiny_model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+    letters = [tokenizer.encode(f" {x}", add_special_tokens=False)[0] for x in "ABCD"]
+    np.testing.assert_allclose(probs, logits[letters].softmax(-1).detach().numpy(), rtol=1e-4, atol=1e-6)

@@ -12,6 +12,7 @@ from quant.formats.checkpoint import checkpoint_info, load
 from quant.cli import main
 from quant.pipeline import run
 from quant.recipe import load_recipe
+from tests.checks.test_tasks import MC_ROWS
 from tests.conftest import _corpus, tiny_config
 
 RECIPE = """
@@ -24,6 +25,9 @@ evaluation:
   text: {{sources: [{text}], windows: 4, seq_len: 64}}
   mmlu: {{per_subject: 1, batch_size: 16}}
   bootstrap: {{resamples: 200}}
+  tasks:
+    - {{name: facts, kind: free_text, path: builtin:facts, fields: {{id: id}}, max_items: 6, max_new_tokens: 4}}
+    - {{name: mc, kind: multiple_choice, path: {mc}, fields: {{id: id}}, normalization: per_char}}
 recalibrate: {{method: label_free, positions: 256, max_samples: 8}}
 gates:
   - {{metric: text.perplexity, max_ratio: 100}}
@@ -40,7 +44,8 @@ def tiny_run(tmp_path_factory, tokenizer):
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     (root / "text.txt").write_text("\n".join(_corpus()))  # a local source keeps selection fast
-    (root / "tiny.yaml").write_text(RECIPE.format(model=root / "model", text=root / "text.txt"))
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    (root / "tiny.yaml").write_text(RECIPE.format(model=root / "model", text=root / "text.txt", mc=root / "mc.jsonl"))
     return run(load_recipe(root / "tiny.yaml"), root / "run")
 
 
@@ -115,3 +120,20 @@ def test_the_report_has_a_coverage_line_naming_what_was_kept(tiny_run):
     assert "1 kept: ignored by recipe" in line
     md = (tiny_run.run_dir / "report.md").read_text()
     assert "## Coverage (matmul weights quantized)" in md and f"- w4: {line}" in md
+
+
+def test_every_task_is_reported_with_intervals_and_a_reliability_diagram(tiny_run):
+    run_dir = tiny_run.run_dir
+    report = json.loads((run_dir / "report.json").read_text())
+    ev = report["evaluation"]
+    assert set(ev["w4+T"]["tasks"]) == {"facts", "facts.mean_token", "mc"}
+    assert ev["fp"]["tasks"]["facts"]["n"] == 6 and ev["fp"]["tasks"]["mc"]["n"] == 3  # mc: 2 of 5 in the fit split
+    est = ev["w4+T"]["intervals"]["task.mc.ece"]
+    assert est["value"] == ev["w4+T"]["tasks"]["mc"]["ece"]
+    md = (run_dir / "report.md").read_text()
+    assert "### task.mc" in md and "### task.facts.mean_token" in md
+    assert "log-likelihoods per character" in md and "3 report items (2 held out for fitting)" in md
+    assert f"| ECE | {ev['fp']['intervals']['task.mc.ece']['value']:.4f} [" in md
+    assert "| answers cut at max_new_tokens |" in md and "| MMLU zero-shot accuracy |" in md
+    for section in ("facts", "facts.mean_token", "mc"):
+        assert (run_dir / f"reliability_task_{section}.png").stat().st_size > 100

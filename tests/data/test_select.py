@@ -63,3 +63,22 @@ def test_calibration_windows_start_with_the_bos_and_keep_their_length(bos_tokeni
     sel = select_samples(bos_tokenizer, cfg, documents=_docs())
     assert all(t[0] == bos and (t[1:] != bos).all() and len(t) <= 64 for t in sel.token_ids)
     assert all(s.end - s.start == len(t) - 1 for s, t in zip(sel.samples, sel.token_ids))  # offsets count text only
+
+
+def test_calibration_samples_can_be_wrapped_in_the_chat_template(tokenizer):
+    import copy
+
+    start, end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    docs = _docs()
+    cfg = SelectConfig(num_samples=12, seq_len=512, min_len=16, chat_template=True)
+    sel = select_samples(tokenizer, cfg, documents=docs)
+    by_id = {d.doc_id: d for d in docs}
+    for s, t in zip(sel.samples, sel.token_ids):  # windows of the document's templated user turn
+        want = tokenizer(f"<|im_start|>user\n{by_id[s.doc_id].text}<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        assert t.tolist() == want[s.start:s.end]
+    firsts = [t for s, t in zip(sel.samples, sel.token_ids) if s.start == 0]
+    assert firsts and all(t[0] == start for t in firsts) and any(end in t.tolist() for t in sel.token_ids)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(CalqError, match="the tokenizer has no chat template; set it to false"):
+        select_samples(plain, cfg, documents=docs)

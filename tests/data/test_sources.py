@@ -230,3 +230,31 @@ def test_other_platform_refused(private_cache, monkeypatch):
     monkeypatch.setattr(data.platform, "machine", lambda: "aarch64")
     with pytest.raises(CalqError, match="Linux x86_64"):
         load_documents("news", "calibration")
+
+
+def test_hugging_face_datasets_as_sources(tmp_path, monkeypatch):
+    import datasets
+
+    from quant.data import load_documents
+    from quant.data.sources import parse_hf_source, source_fingerprint, split_of
+    from quant.errors import CalqError
+
+    texts = [f"document number {i} about rivers and markets" for i in range(40)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts, "n": list(range(40))})}).save_to_disk(
+        str(tmp_path / "ds"))
+    assert parse_hf_source("hf:org/name") == ("org/name", "train", "text")
+    assert parse_hf_source(f"hf:{tmp_path}/ds@train#body") == (f"{tmp_path}/ds", "train", "body")
+    source = f"hf:{tmp_path}/ds@train#body"
+    cal, ev = load_documents(source, "calibration"), load_documents(source, "evaluation")
+    assert len(cal) + len(ev) == 40 and ev and cal  # calq's own hash split on top, disjoint
+    assert all(split_of(d.doc_id) == "evaluation" for d in ev) and cal[0].text == texts[int(cal[0].doc_id[4:])]
+    assert source_fingerprint(source) == source_fingerprint(source)
+    with pytest.raises(CalqError, match=r"has no text field 'text' \(fields: body, n\); name it with hf:"):
+        load_documents(f"hf:{tmp_path}/ds", "calibration")
+    with pytest.raises(CalqError, match=r"has no split 'test'"):
+        load_documents(f"hf:{tmp_path}/ds@test#body", "calibration")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: set the module's own flag
+    with pytest.raises(CalqError, match=r"cannot load Hugging Face dataset 'calq-nobody/none' split 'train' .*offline, "
+                                        r"pass a local dataset directory") as err:
+        load_documents("hf:calq-nobody/none", "calibration")
+    assert "\n" not in str(err.value)

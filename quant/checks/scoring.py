@@ -1,0 +1,175 @@
+"""The scoring primitives every evaluation shares: per-item predictions, letter probabilities after a prompt, and the
+log-likelihood of continuations. MMLU, the task files and the lm-eval bridge all score through these, every model
+(and every tempered view of one, `forward_groups`) on the same batch before the next batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from quant.confidence.recalibrate import Models, forward_groups
+from quant.errors import CalqError
+
+LETTERS = "ABCD"
+"""MMLU's answer letters."""
+SUMMARY = ("n", "accuracy", "mean_confidence", "ece", "ece_mass", "mce", "auroc", "aurc", "selective_coverage",
+           "selective_accuracy", "nll", "brier")
+"""The metrics reported for every set of predictions (quant.confidence.metrics.summarize, plus nll and brier)."""
+
+
+@dataclass
+class Predictions:
+    """Raw per-item arrays of one model on one kind of data (text tokens, MMLU or task items): everything its
+    metrics, intervals and plots are reduced from."""
+
+    confidence: np.ndarray
+    correct: np.ndarray
+    prediction: np.ndarray
+    """Predicted class: token id (text), answer index (multiple choice), 0/1 correctness (free text)."""
+    cluster: np.ndarray
+    """Bootstrap resampling unit of each item: its window (text) or the item itself (MMLU, tasks)."""
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-item quantities reported as their mean: nll, brier, kl_to_reference, top1_agreement, acc_norm, ..."""
+
+    @classmethod
+    def concatenate(cls, parts: list[Predictions]) -> Predictions:
+        """Join shards (in order); cluster ids are offset so clusters of different shards stay distinct."""
+        offsets = np.cumsum([0] + [int(p.cluster.max()) + 1 if len(p.cluster) else 0 for p in parts[:-1]])
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("confidence", "correct", "prediction")),
+                   np.concatenate([p.cluster + o for p, o in zip(parts, offsets)]),
+                   {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values})
+
+
+def choice_predictions(probs: dict[str, np.ndarray], labels: np.ndarray,
+                       extra: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Predictions]:
+    """Per-item predictions from probabilities over choices (items, choices; padded columns 0): confidence is the
+    top probability, nll and the multiclass Brier score are of the right choice. `extra` adds per-item values."""
+    rows = np.arange(len(labels))
+    out = {}
+    for name, p in probs.items():
+        p_true = p[rows, labels]
+        out[name] = Predictions(p.max(1), p.argmax(1) == labels, p.argmax(1), rows,
+                                {"nll": -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0)),
+                                 "brier": (p * p).sum(1) - 2 * p_true + 1, **(extra or {}).get(name, {})})
+    return out
+
+
+def loglikelihood_predictions(scores: dict[str, np.ndarray], chars: np.ndarray, labels: np.ndarray,
+                              normalization: str = "sum") -> dict[str, Predictions]:
+    """Predictions from each choice's summed log-likelihood (items, choices; missing choices -inf), as lm-eval's
+    multiple_choice: acc is the argmax of the sums, acc_norm the argmax per character (`chars`, the choices'
+    lengths); the prediction and its confidence, the softmax over the scores, use `normalization` (sum | per_char)."""
+    probs, extra = {}, {}
+    for name, summed in scores.items():
+        per_char = summed / chars
+        extra[name] = {"acc": (summed.argmax(1) == labels).astype(np.float64),
+                       "acc_norm": (per_char.argmax(1) == labels).astype(np.float64)}
+        z = summed if normalization == "sum" else per_char
+        z = np.exp(z - z.max(1, keepdims=True))
+        probs[name] = z / z.sum(1, keepdims=True)
+    return choice_predictions(probs, labels, extra)
+
+
+def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), host side, each row ending in the last column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device="cpu")  # token ids: host data
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long, device="cpu")
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, use_template: bool, letters: str = LETTERS) -> list[int]:
+    """Token id of each answer letter as it follows the prompt."""
+    ids = []
+    for letter in letters:
+        toks = tokenizer.encode(letter if use_template else f" {letter}", add_special_tokens=False)
+        if len(toks) != 1:
+            raise CalqError(f"the tokenizer splits answer letter {letter!r} into {len(toks)} tokens; "
+                            "letter scoring needs single-token letters (set evaluation.mmlu: null, or score tasks by "
+                            "loglikelihood)")
+        ids.append(toks[0])
+    return ids
+
+
+@torch.inference_mode()
+def letter_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, encoded: list[list[int]],
+                         letters: list[int], n_choices: list[int], batch_size: int, desc: str,
+                         shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+    """Probabilities (items, len(letters)) of the answer letters at the last position of each prompt, renormalised
+    over the item's own n_choices letters (the other columns stay 0). `shard` = (rank, world) scores only every
+    world-th batch from rank (the other rows stay 0), so processes share the work with the same batches."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    probs = {name: np.zeros((len(encoded), len(letters))) for name in models}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][shard[0]::shard[1]]
+    groups = forward_groups(models)
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        ids, mask = left_padded([encoded[i] for i in batch], _pad(tokenizer))
+        off = torch.tensor([[k >= n_choices[i] for k in range(len(letters))] for i in batch], device="cpu")
+        for model, views in groups:
+            dev = next(model.parameters()).device
+            out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
+            z = out.logits[:, -1, letters].float().cpu()
+            for name, temperature in views:
+                probs[name][batch] = (z / temperature).masked_fill(off, -torch.inf).softmax(-1).numpy()
+    return probs
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str,
+                add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens as lm-eval's HFLM splits them: trailing spaces of the context move to the
+    continuation, the whole is encoded once and the continuation is what follows the context's own tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+@torch.inference_mode()
+def continuation_loglikelihoods(models: Models, tokenizer: PreTrainedTokenizerBase,
+                                requests: list[tuple[list[int], list[int]]], batch_size: int,
+                                desc: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Summed log-probability (natural log) of each request's continuation tokens after its context, per model,
+    and whether the continuation is the model's greedy one (every token its argmax; lm-eval's is_greedy).
+
+    Batched longest first, left-padded with explicit positions (so padding changes no real token's position), and
+    the output head runs only on the last positions a continuation needs (logits_to_keep)."""
+    for ctx, cont in requests:
+        if not ctx or not cont:
+            raise CalqError("a log-likelihood request has an empty context or continuation; give every prompt and "
+                            "every choice some text")
+    order = sorted(range(len(requests)), key=lambda i: -sum(map(len, requests[i])))
+    out = {name: np.zeros(len(requests)) for name in models}
+    greedy = {name: np.zeros(len(requests), dtype=bool) for name in models}
+    groups = forward_groups(models)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        batch = order[start:start + batch_size]
+        rows = [(requests[i][0] + requests[i][1])[:-1] for i in batch]
+        ids, mask = left_padded(rows, _pad(tokenizer))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(len(requests[i][1]) for i in batch)
+        targets = [torch.tensor(requests[i][1], dtype=torch.long, device="cpu") for i in batch]
+        for model, views in groups:
+            dev = next(model.parameters()).device
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                           use_cache=False, logits_to_keep=keep).logits.float()
+            for row, (i, target) in enumerate(zip(batch, targets)):
+                z = logits[row, logits.shape[1] - len(target):]
+                for name, temperature in views:
+                    logp = F.log_softmax(z / temperature, dim=-1).cpu()
+                    out[name][i] = float(logp.gather(-1, target[:, None]).sum())
+                    greedy[name][i] = bool((logp.argmax(-1) == target).all())
+    return out, greedy
