@@ -80,6 +80,14 @@ def tiny_model(family, tokenizer):
     return model.eval().requires_grad_(False)
 
 
+def save_tiny_llama(directory, tokenizer) -> None:
+    """A seeded tiny random Llama and its tokenizer, saved as a model directory a recipe can name."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def dequantized(q: QuantLinear) -> torch.Tensor:
     """The float weight a QuantLinear's buffers hold."""
     if q.weights.num_bits == 4:

@@ -5,22 +5,18 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import quant
 from quant.cli import main
 from quant.formats.checkpoint import checkpoint_info
-from tests.conftest import _corpus, tiny_config
+from tests.conftest import _corpus, save_tiny_llama
 from tests.checks.test_report import tiny_run  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tokenizer)
     lines = _corpus()
     (root / "text.txt").write_text("\n\n".join(" ".join(lines[i:i + 4]) for i in range(0, len(lines), 4)))
     return root

@@ -6,14 +6,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from quant.formats.checkpoint import checkpoint_info, load
 from quant.cli import main
 from quant.pipeline import run
 from quant.recipe import load_recipe
 from tests.checks.test_tasks import MC_ROWS
-from tests.conftest import _corpus, tiny_config
+from tests.conftest import _corpus, save_tiny_llama
 
 RECIPE = """
 name: tiny
@@ -39,10 +38,7 @@ gates:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tokenizer)
     (root / "text.txt").write_text("\n".join(_corpus()))  # a local source keeps selection fast
     (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
     (root / "tiny.yaml").write_text(RECIPE.format(model=root / "model", text=root / "text.txt", mc=root / "mc.jsonl"))
