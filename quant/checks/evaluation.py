@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from quant.confidence import metrics
 from quant.confidence.lens import LensConfig
 from quant.confidence.recalibrate import Models, forward_groups
+from quant.confidence.softmax import SoftmaxScratch
 from quant.checks.scoring import LETTERS, SUMMARY, Predictions, choice_predictions, letter_probabilities, letter_token_ids
 from quant.checks.tasks import collect_tasks
 from quant.data import MCItem, load_documents, load_mmlu, special_prefix
@@ -197,23 +197,19 @@ def collect_text(models: Models, windows: list[Tensor], reference: str) -> dict[
     acc = {name: {"conf": [], "pred": [], "correct": [], "nll": [], "brier": [], "kl": [], "agree": []}
            for name in models}
     groups = sorted(forward_groups(models), key=lambda g: g[1][0][0] != reference)  # the reference first
+    scratch = SoftmaxScratch()
     for ids in tqdm(windows, desc="eval text", unit="window"):
         x, target = ids[None, :-1], ids[1:]
-        ref_logp = None
+        ref = None
         for model, views in groups:
             raw = model(input_ids=x.to(next(model.parameters()).device), use_cache=False).logits[0].float().cpu()
             for name, temperature in views:
-                logp = F.log_softmax(raw / temperature, dim=-1)
-                p = logp.exp()
-                conf, pred = p.max(-1)
-                if ref_logp is None:
-                    ref_logp, ref_p, ref_pred = logp, p, pred
-                p_target = p.gather(-1, target[:, None])[:, 0]
-                for key, value in (("conf", conf), ("pred", pred), ("correct", pred == target),
-                                   ("nll", -logp.gather(-1, target[:, None])[:, 0]),
+                s = scratch.stats(raw, temperature, target, keep_reference=ref is None)
+                ref = s if ref is None else ref
+                for key, value in (("conf", s.conf), ("pred", s.pred), ("correct", s.pred == target), ("nll", s.nll),
                                    # multiclass Brier over the vocabulary: sum_c p_c^2 - 2 p_y + 1
-                                   ("brier", (p * p).sum(-1) - 2 * p_target + 1),
-                                   ("kl", (ref_p * (ref_logp - logp)).sum(-1)), ("agree", pred == ref_pred)):
+                                   ("brier", s.sum_sq - 2 * (-s.nll).exp() + 1),
+                                   ("kl", s.kl), ("agree", s.pred == ref.pred)):
                     acc[name][key].append(value)
     cluster = np.repeat(np.arange(len(windows)), [len(w) - 1 for w in windows])
     out = {}
