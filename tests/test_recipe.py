@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_default_recipe_loads():
     r = load_recipe(ROOT / "recipes" / "default.yaml")
     assert r.model.source == "smollm2-135m-instruct"
-    assert r.calibration.num_samples == 256 and r.calibration.seq_len == 512
-    assert [q.name for q in r.quantize] == ["w8a8", "w4a16-g128", "w4a16-g64-awq"]
-    assert r.quantize[1].weights.group_size == 128 and r.quantize[0].input_activations.mode == "dynamic"
-    assert r.quantize[2].method == "awq" and r.recalibrate.method == "label_free"
+    assert r.calibration.num_samples == 128 and r.calibration.seq_len == 512
+    assert [q.name for q in r.quantize] == ["w8a8", "w4a16-g64-awq"]
+    assert r.quantize[1].weights.group_size == 64 and r.quantize[0].input_activations.mode == "dynamic"
+    assert r.quantize[1].method == "awq" and r.recalibrate.method == "label_free"
     assert {(e.variant, e.format) for e in r.export} == {
         ("w8a8", "compressed-tensors"), ("w8a8", "gguf"), ("w4a16-g64-awq", "compressed-tensors"),
         ("w4a16-g64-awq", "awq"), ("w4a16-g64-awq", "gguf")}

@@ -20,13 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from pydantic import Field  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from quant.confidence import metrics  # noqa: E402
 from quant.confidence.recalibrate import Models, forward_groups  # noqa: E402
+from quant.confidence.softmax import SoftmaxScratch  # noqa: E402
 from quant.files import atomic_path  # noqa: E402
 from quant.errors import CalqError  # noqa: E402
 from quant.models import final_norm, logit_map  # noqa: E402
@@ -99,6 +99,7 @@ def _layer_predictions(model: nn.Module, ids: Tensor, temperatures: list[float])
     norm = final_norm(model, "the logit lens", fix)
     head, after = model.get_output_embeddings(), logit_map(model)
     out = [([], []) for _ in temperatures]
+    scratch = SoftmaxScratch()
     for i, h in enumerate(hidden):
         # transformers returns the last entry already through the final norm (it is last_hidden_state)
         z = after(head(h[0] if i == len(hidden) - 1 else norm(h[0])).float())
@@ -108,9 +109,9 @@ def _layer_predictions(model: nn.Module, ids: Tensor, temperatures: list[float])
                 raise CalqError(f"the logit lens cannot reproduce {type(model).__name__}'s logits from its final "
                                 f"norm, output head and scaling after it ({after.source}); {fix}")
         for (conf, pred), temperature in zip(out, temperatures):
-            c, p = F.log_softmax(z / temperature, dim=-1).max(-1)
-            conf.append(c.exp().cpu())
-            pred.append(p.cpu())
+            s = scratch.stats(z, temperature)
+            conf.append(s.conf.cpu())
+            pred.append(s.pred.cpu())
     return [(torch.stack(conf), torch.stack(pred)) for conf, pred in out]
 
 
