@@ -8,8 +8,8 @@ from quant.confidence import metrics
 from quant.data import MCItem
 from quant.checks.evaluation import MMLUConfig, collect_mmlu, collect_text
 from quant.confidence.lens import layer_calibration
-from quant.confidence.recalibrate import (RecalibrateConfig, Tempered, apply_temperature, fit_temperature, recalibrate,
-                               reference_logits)
+from quant.confidence.recalibrate import (T_BOUNDS, RecalibrateConfig, Tempered, apply_temperature, fit_temperature,
+                                          recalibrate, reference_logits, solve_temperature)
 
 
 def sample_from(model, sequences: int = 24, length: int = 64, seed: int = 0) -> list[torch.Tensor]:
@@ -58,6 +58,33 @@ def test_label_free_recovers_an_injected_temperature_exactly(peaked, sampled_tex
                           reference=peaked)
     assert fit.temperature == pytest.approx(2.0, rel=2e-3)
     assert fit.objective_after < fit.objective_before
+
+
+def _objective(z, target, labelled, temperature):
+    """The objective written plainly in float64: mean NLL of the target (labelled) or cross-entropy to p_ref."""
+    zt = z.double() / temperature
+    lse = zt.logsumexp(-1)
+    return float((lse - (zt.gather(-1, target[:, None])[:, 0] if labelled else target.double() / temperature)).mean())
+
+
+@pytest.mark.parametrize("scale,labelled", [(3.0, True), (3.0, False), (0.05, True), (60.0, False)])
+def test_the_newton_solve_finds_the_minimum_a_scalar_search_finds(scale, labelled):
+    """Against scipy's bounded search on the float64 objective: the same T to 1e-5, also when the minimum lies
+    beyond a bound (the targets follow the logits at T = scale / 1.5: 2 inside the bounds, 0.033 and 40 beyond them)."""
+    from scipy.optimize import minimize_scalar
+
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(300, 50, generator=g) * scale).half()
+    p_ref = (z.float() * 1.5 / scale).softmax(-1)  # the logits at T = scale / 1.5 (2 for scale 3)
+    target = torch.multinomial(p_ref, 1, generator=g)[:, 0] if labelled else (p_ref * z.float()).sum(-1)
+    fit = solve_temperature(z, target, "labelled" if labelled else "label_free")
+    lo, hi = np.log(T_BOUNDS)
+    best = np.exp(minimize_scalar(lambda lt: _objective(z, target, labelled, np.exp(lt)), bounds=(lo, hi),
+                                  method="bounded", options={"xatol": 1e-9}).x)
+    assert fit.temperature == pytest.approx(best, rel=1e-5)
+    assert fit.objective_before == pytest.approx(_objective(z, target, labelled, 1.0), rel=1e-5)
+    assert fit.objective_after == pytest.approx(_objective(z, target, labelled, fit.temperature), rel=1e-5)
+    assert fit.at_bound == (scale in (0.05, 60.0))
 
 
 def test_labelled_fit_undoes_overconfidence(peaked, sampled_text):
