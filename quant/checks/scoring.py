@@ -145,29 +145,55 @@ def continuation_loglikelihoods(models: Models, tokenizer: PreTrainedTokenizerBa
     """Summed log-probability (natural log) of each request's continuation tokens after its context, per model,
     and whether the continuation is the model's greedy one (every token its argmax; lm-eval's is_greedy).
 
-    Batched longest first, left-padded with explicit positions (so padding changes no real token's position), and
-    the output head runs only on the last positions a continuation needs (logits_to_keep)."""
+    Requests with the same context (a question's choices) share one forward pass of it: the context runs once,
+    left-padded with explicit positions among other contexts of similar length, and its KV cache is repeated
+    for the choices, which run as one right-padded batch after it (a 4-choice item costs its context once, not
+    four times). `batch_size` bounds the continuations per batch."""
     for ctx, cont in requests:
         if not ctx or not cont:
             raise CalqError("a log-likelihood request has an empty context or continuation; give every prompt and "
                             "every choice some text")
-    order = sorted(range(len(requests)), key=lambda i: -sum(map(len, requests[i])))
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(requests):
+        by_context.setdefault(tuple(ctx), []).append(i)
+    contexts = sorted(by_context, key=len, reverse=True)  # similar lengths share a batch
+    batches, current = [], []
+    for ctx in contexts:
+        if current and sum(len(by_context[c]) for c in current) + len(by_context[ctx]) > batch_size:
+            batches.append(current)
+            current = []
+        current.append(ctx)
+    batches += [current] if current else []
     out = {name: np.zeros(len(requests)) for name in models}
     greedy = {name: np.zeros(len(requests), dtype=bool) for name in models}
-    groups = forward_groups(models)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        batch = order[start:start + batch_size]
-        rows = [(requests[i][0] + requests[i][1])[:-1] for i in batch]
-        ids, mask = left_padded(rows, _pad(tokenizer))
+    pad = _pad(tokenizer)
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        ids, mask = left_padded([list(c) for c in batch], pad)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keep = max(len(requests[i][1]) for i in batch)
-        targets = [torch.tensor(requests[i][1], dtype=torch.long, device="cpu") for i in batch]
-        for model, views in groups:
+        rows = [(g, i) for g, ctx in enumerate(batch) for i in by_context[ctx]]  # (context row, request)
+        row_of = torch.tensor([g for g, _ in rows], device="cpu")
+        width = max(len(requests[i][1]) for _, i in rows) - 1  # the last continuation token is never an input
+        cont = torch.full((len(rows), max(width, 1)), pad, dtype=torch.long, device="cpu")
+        cont_mask = torch.zeros_like(cont)
+        for r, (_, i) in enumerate(rows):
+            tail = requests[i][1][:-1]
+            cont[r, :len(tail)] = torch.tensor(tail, dtype=torch.long, device="cpu")
+            cont_mask[r, :len(tail)] = 1
+        cont_positions = positions[row_of, -1:] + 1 + torch.arange(cont.shape[1], device="cpu")
+        for model, views in forward_groups(models):
             dev = next(model.parameters()).device
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                           use_cache=False, logits_to_keep=keep).logits.float()
-            for row, (i, target) in enumerate(zip(batch, targets)):
-                z = logits[row, logits.shape[1] - len(target):]
+            first = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                          use_cache=True, logits_to_keep=1)
+            logits = first.logits[row_of.to(dev), -1:].float()  # predicts each continuation's first token
+            if width > 0:
+                cache = first.past_key_values
+                cache.reorder_cache(row_of.to(dev))  # each context's cache, once per continuation
+                rest = model(input_ids=cont.to(dev), attention_mask=torch.cat([mask[row_of], cont_mask], 1).to(dev),
+                             position_ids=cont_positions.to(dev), past_key_values=cache, use_cache=True).logits
+                logits = torch.cat([logits, rest.float()], 1)
+            for r, (_, i) in enumerate(rows):
+                target = torch.tensor(requests[i][1], dtype=torch.long, device="cpu")
+                z = logits[r, :len(target)]
                 for name, temperature in views:
                     logp = F.log_softmax(z / temperature, dim=-1).cpu()
                     out[name][i] = float(logp.gather(-1, target[:, None]).sum())
