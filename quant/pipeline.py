@@ -213,9 +213,11 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
             v = variants.get(name.removesuffix(SUFFIX) if name in shipped else name)
             ev.coverage = {"share": v.coverage.share if v and v.coverage else 0.0}
         if recipe.evaluation.logit_lens is not None:  # where in depth quantization moves confidence
-            lens_text = recipe.evaluation.text.model_copy(update=recipe.evaluation.logit_lens.model_dump())
-            windows = eval_windows(tokenizer, lens_text)
-            lens = timed("logit_lens", layer_calibration, models, windows, recipe.evaluation.ece_bins)
+            lens_cfg = recipe.evaluation.logit_lens
+            windows = eval_windows(tokenizer, recipe.evaluation.text.model_copy(
+                update={"windows": lens_cfg.windows, "seq_len": lens_cfg.seq_len}))
+            lens = timed("logit_lens", layer_calibration, models, windows, recipe.evaluation.ece_bins,
+                         lens_cfg.positions)
             lens.plot(run_dir / "layerwise.png", f"layer-wise calibration ({recipe.name})")
     gates = check_gates(evals, list(recipe.gates), REFERENCE, list(shipped) or list(variants))
     gates.write(run_dir)

@@ -38,10 +38,21 @@ COLUMNS = ("accuracy", "mean_confidence", "ece", "mce")
 class LensConfig(StrictModel):
     """Held-out windows for the logit lens: the first `windows` of the evaluation split (a small subset:
     every layer is projected onto the whole vocabulary; measured on SmolLM2-135M, 2 CPU cores, about 28 CPU
-    seconds per window and model)."""
+    seconds per window and model with every position read out)."""
 
     windows: int = Field(4, ge=1)
     seq_len: int = Field(512, ge=16)
+    positions: int | None = Field(None, ge=1)
+    """Positions per window read out through every layer, evenly spaced (null: all). The window still runs
+    whole, so every position keeps its full context; only the per-layer projections onto the vocabulary, most
+    of the lens's cost, are limited: more windows with fewer positions each sample more text per second."""
+
+
+def lens_positions(length: int, positions: int | None) -> Tensor:
+    """Evenly spaced positions (sorted, distinct) of a window of `length` predictions, the last one included."""
+    if positions is None or positions >= length:
+        return torch.arange(length, device="cpu")
+    return torch.linspace(0, length - 1, positions, device="cpu").round().long().unique()
 
 
 @dataclass
@@ -90,11 +101,13 @@ def markdown(table: dict) -> str:
 
 
 @torch.inference_mode()
-def _layer_predictions(model: nn.Module, ids: Tensor, temperatures: list[float]) -> list[tuple[Tensor, Tensor]]:
-    """(confidence, predicted token) per layer and position, (L + 1, T) each, for each temperature."""
+def _layer_predictions(model: nn.Module, ids: Tensor, pos: Tensor, temperatures: list[float]
+                       ) -> list[tuple[Tensor, Tensor]]:
+    """(confidence, predicted token) per layer at positions `pos`, (L + 1, len(pos)) each, for each temperature."""
     dev = next(model.parameters()).device
-    output = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False)
-    hidden = output.hidden_states
+    output = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False,
+                   logits_to_keep=pos.to(dev))
+    hidden = [h[:, pos.to(dev)] for h in output.hidden_states]
     fix = "set evaluation.logit_lens: null for this model"
     norm = final_norm(model, "the logit lens", fix)
     head, after = model.get_output_embeddings(), logit_map(model)
@@ -115,20 +128,23 @@ def _layer_predictions(model: nn.Module, ids: Tensor, temperatures: list[float])
     return [(torch.stack(conf), torch.stack(pred)) for conf, pred in out]
 
 
-def layer_calibration(models: Models, windows: list[Tensor], n_bins: int = 15) -> LensResult:
-    """Logit-lens accuracy, mean confidence, ECE and MCE of every layer of every model on the same windows
-    (a `Tempered` model's layers read through its base model's pass: T scales every layer's logits alike)."""
+def layer_calibration(models: Models, windows: list[Tensor], n_bins: int = 15,
+                      positions: int | None = None) -> LensResult:
+    """Logit-lens accuracy, mean confidence, ECE and MCE of every layer of every model on the same windows, at
+    `positions` evenly spaced positions of each (all if None; `lens_positions`). A `Tempered` model's layers
+    read through its base model's pass: T scales every layer's logits alike."""
     conf: dict[str, list[Tensor]] = {name: [] for name in models}
     correct: dict[str, list[Tensor]] = {name: [] for name in models}
+    picks = [lens_positions(len(ids) - 1, positions) for ids in windows]
     for model, views in forward_groups(models):
-        for ids in tqdm(windows, desc=f"logit lens {views[0][0]}", unit="window"):
-            for (name, _), (c, p) in zip(views, _layer_predictions(model, ids[:-1], [t for _, t in views])):
+        for ids, pos in tqdm(list(zip(windows, picks)), desc=f"logit lens {views[0][0]}", unit="window"):
+            for (name, _), (c, p) in zip(views, _layer_predictions(model, ids[:-1], pos, [t for _, t in views])):
                 conf[name].append(c)
-                correct[name].append(p == ids[1:])
+                correct[name].append(p == ids[1:][pos])
     layers = {}
     for name in models:
         conf_all, correct_all = torch.cat(conf[name], 1).double().numpy(), torch.cat(correct[name], 1).numpy()
         layers[name] = [{"layer": i, "accuracy": float(k.mean()), "mean_confidence": float(c.mean()),
                          "ece": metrics.ece(c, k, n_bins), "mce": metrics.mce(c, k, n_bins)}
                         for i, (c, k) in enumerate(zip(conf_all, correct_all))]
-    return LensResult(layers, sum(len(w) - 1 for w in windows))
+    return LensResult(layers, sum(len(p) for p in picks))

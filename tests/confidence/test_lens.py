@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quant.checks.evaluation import EvalConfig, TextEvalConfig, eval_windows, evaluate
-from quant.confidence.lens import layer_calibration, markdown
+from quant.confidence.lens import layer_calibration, lens_positions, markdown
 from quant.methods import QuantSpec, WeightScheme, quantize_variant
 from quant.models import fold_scales
 
@@ -35,24 +35,34 @@ def test_last_layer_is_the_models_own_prediction(tiny_model, tokenizer, tmp_path
     assert table.count("\n") == 1 + n_layers + 1 and "fp: acc / conf / ECE / MCE" in table
 
 
-def test_middle_layer_reads_out_through_the_models_own_norm(tiny_model, tokenizer):
-    """Layer 1 of the lens equals the output of the same model cut after its first layer. The final norm's
-    weight is randomized so Gemma's (1 + w) scaling differs from plain w."""
+@pytest.mark.parametrize("positions", [None, 9])
+def test_middle_layer_reads_out_through_the_models_own_norm(tiny_model, tokenizer, positions):
+    """Layer 1 of the lens equals the output of the same model cut after its first layer, at every position or at
+    9 evenly spaced ones of each window (read with the whole window as context). The final norm's weight is
+    randomized so Gemma's (1 + w) scaling differs from plain w."""
     torch.manual_seed(1)
     tiny_model.model.norm.weight.normal_()
     cut = copy.deepcopy(tiny_model)
     cut.model.layers = cut.model.layers[:1]
     cut.config.num_hidden_layers = 1
     windows = eval_windows(tokenizer, TEXT)
-    rows = layer_calibration({"m": tiny_model}, windows).layers["m"]
+    lens = layer_calibration({"m": tiny_model}, windows, positions=positions)
+    rows = lens.layers["m"]
     row = rows[1]
+    pos = lens_positions(63, positions)
+    assert len(pos) == (positions or 63) and pos[0] == 0 and pos[-1] == 62 and lens.tokens == 2 * len(pos)
     with torch.inference_mode():
-        probs = [cut(input_ids=w[None, :-1]).logits[0].softmax(-1) for w in windows]
+        probs = [cut(input_ids=w[None, :-1]).logits[0, pos].softmax(-1) for w in windows]
     conf = torch.cat([p.max(-1).values for p in probs]).double().numpy()
-    correct = torch.cat([p.argmax(-1) == w[1:] for p, w in zip(probs, windows)]).numpy()
+    correct = torch.cat([p.argmax(-1) == w[1:][pos] for p, w in zip(probs, windows)]).numpy()
     assert row["accuracy"] == correct.mean()
     assert row["mean_confidence"] == pytest.approx(conf.mean(), abs=1e-6)
     assert not np.isclose(row["mean_confidence"], rows[2]["mean_confidence"])  # a different readout per layer
+    greedy = windows[0][:1][None]  # text the model predicts exactly: its last layer is right at every position
+    with torch.inference_mode():
+        for _ in range(63):
+            greedy = torch.cat([greedy, tiny_model(input_ids=greedy).logits[:, -1:].argmax(-1)], 1)
+    assert layer_calibration({"m": tiny_model}, [greedy[0]], positions=positions).layers["m"][-1]["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("model_type, after", [("cohere", {"logit_scale": 0.01}), ("granite", {"logits_scaling": 100.0}),
