@@ -281,8 +281,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                             run_dir / f"reliability_task_{section}.png", f"task {section} reliability ({recipe.name})",
                             recipe.evaluation.ece_bins)
         report["confidence_bands"][f"task.{section}"] = {n: band_table(p.confidence, p.correct) for n, p in preds.items()}
-    write_report(report, run_dir)
     for cfg in recipe.export:
         timed(f"export_{cfg.variant}_{cfg.format}", export, run_dir, cfg,
               run_dir / "export" / f"{cfg.variant}-{cfg.format}")
+    write_report(report, run_dir)  # after the exports: their timings are in it (`timings` is the same dict)
     return RunResult(run_dir, selection, stats, variants, evals, gates, report, fits)
