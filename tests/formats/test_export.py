@@ -418,3 +418,15 @@ def test_gguf_of_each_llama_cpp_architecture_loads_back_in_transformers(model_ty
     ids = _ids(tokenizer)
     ref = ours(ids).logits
     torch.testing.assert_close(theirs(ids).logits, ref, rtol=0, atol=3e-2 * (1 + ref.abs().max().item()))
+    # transformers' loader undoes whatever the writer did, so check the q/k row order against llama.cpp's converter
+    # itself (convert_hf_to_gguf.py: LlamaModel.permute for llama; the qwen2/qwen3/gemma3 models keep HF's order)
+    stored = {t.name: t for t in reader.tensors}
+    attn = ours.model.layers[0].self_attn
+    for key, proj, heads in (("attn_q", attn.q_proj, cfg.num_attention_heads),
+                             ("attn_k", attn.k_proj, cfg.num_key_value_heads)):
+        t = stored[f"blk.0.{key}.weight"]
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        want = dequantized(proj)
+        if arch == "llama":
+            want = want.reshape(heads, 2, want.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(want.shape)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()))
