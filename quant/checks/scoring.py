@@ -79,14 +79,16 @@ def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), host side, each row ending in the last column."""
+def padded(rows: list[list[int]], pad: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), host side: left-padded, each row ends in the last column (prompts whose next token is
+    scored); right-padded, each row starts in the first (continuations after a cache)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long, device="cpu")  # token ids: host data
     mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long, device="cpu")
-        mask[i, width - len(r):] = 1
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long, device="cpu")
+        mask[i, cols] = 1
     return ids, mask
 
 
@@ -115,7 +117,7 @@ def letter_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, enc
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][shard[0]::shard[1]]
     groups = forward_groups(models)
     for batch in tqdm(batches, desc=desc, unit="batch"):
-        ids, mask = left_padded([encoded[i] for i in batch], _pad(tokenizer))
+        ids, mask = padded([encoded[i] for i in batch], _pad(tokenizer))
         off = torch.tensor([[k >= n_choices[i] for k in range(len(letters))] for i in batch], device="cpu")
         for model, views in groups:
             dev = next(model.parameters()).device
@@ -157,29 +159,26 @@ def continuation_loglikelihoods(models: Models, tokenizer: PreTrainedTokenizerBa
     for i, (ctx, _) in enumerate(requests):
         by_context.setdefault(tuple(ctx), []).append(i)
     contexts = sorted(by_context, key=len, reverse=True)  # similar lengths share a batch
-    batches, current = [], []
+    batches, current, size = [], [], 0
     for ctx in contexts:
-        if current and sum(len(by_context[c]) for c in current) + len(by_context[ctx]) > batch_size:
+        if current and size + len(by_context[ctx]) > batch_size:
             batches.append(current)
-            current = []
+            current, size = [], 0
         current.append(ctx)
+        size += len(by_context[ctx])
     batches += [current] if current else []
     out = {name: np.zeros(len(requests)) for name in models}
     greedy = {name: np.zeros(len(requests), dtype=bool) for name in models}
     pad = _pad(tokenizer)
     for batch in tqdm(batches, desc=desc, unit="batch"):
-        ids, mask = left_padded([list(c) for c in batch], pad)
+        ids, mask = padded([list(c) for c in batch], pad)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [(g, i) for g, ctx in enumerate(batch) for i in by_context[ctx]]  # (context row, request)
         row_of = torch.tensor([g for g, _ in rows], device="cpu")
-        width = max(len(requests[i][1]) for _, i in rows) - 1  # the last continuation token is never an input
-        cont = torch.full((len(rows), max(width, 1)), pad, dtype=torch.long, device="cpu")
-        cont_mask = torch.zeros_like(cont)
-        for r, (_, i) in enumerate(rows):
-            tail = requests[i][1][:-1]
-            cont[r, :len(tail)] = torch.tensor(tail, dtype=torch.long, device="cpu")
-            cont_mask[r, :len(tail)] = 1
-        cont_positions = positions[row_of, -1:] + 1 + torch.arange(cont.shape[1], device="cpu")
+        # the last continuation token is never an input
+        cont, cont_mask = padded([requests[i][1][:-1] for _, i in rows], pad, side="right")
+        width = cont.shape[1]
+        cont_positions = positions[row_of, -1:] + 1 + torch.arange(width, device="cpu")
         for model, views in forward_groups(models):
             dev = next(model.parameters()).device
             first = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from quant.checks.scoring import (SUMMARY, Predictions, choice_predictions, continuation_loglikelihoods, encode_pair,
-                                  left_padded, letter_probabilities, letter_token_ids, loglikelihood_predictions)
+                                  padded, letter_probabilities, letter_token_ids, loglikelihood_predictions)
 from quant.confidence.recalibrate import Models, forward_groups
 from quant.data.tasks import LETTERS, Task, TaskConfig, TaskItem
 
@@ -166,7 +166,7 @@ def _free_text(models: Models, tokenizer: PreTrainedTokenizerBase, task: Task) -
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop, default=0)
         for start in tqdm(range(0, n, cfg.batch_size), desc=f"task {cfg.name} ({views[0][0]})", unit="batch"):
             batch = list(range(start, min(start + cfg.batch_size, n)))
-            ids, mask = left_padded([encoded[i] for i in batch], pad)
+            ids, mask = padded([encoded[i] for i in batch], pad)
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                                  max_new_tokens=cfg.max_new_tokens, eos_token_id=sorted(stop) or None,
                                  pad_token_id=pad, output_logits=True, return_dict_in_generate=True, top_p=None,
