@@ -105,9 +105,9 @@ def _layer_predictions(model: nn.Module, ids: Tensor, pos: Tensor, temperatures:
                        ) -> list[tuple[Tensor, Tensor]]:
     """(confidence, predicted token) per layer at positions `pos`, (L + 1, len(pos)) each, for each temperature."""
     dev = next(model.parameters()).device
-    output = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False,
-                   logits_to_keep=pos.to(dev))
-    hidden = [h[:, pos.to(dev)] for h in output.hidden_states]
+    pos = pos.to(dev)
+    output = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False, logits_to_keep=pos)
+    hidden = [h[:, pos] for h in output.hidden_states]
     fix = "set evaluation.logit_lens: null for this model"
     norm = final_norm(model, "the logit lens", fix)
     head, after = model.get_output_embeddings(), logit_map(model)
