@@ -194,7 +194,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
     # every forward pass of the quantized models from here on: their CPU kernels keep prepared weights, then free them
     with kernels.weight_cache(max_bytes=int(recipe.evaluation.weight_cache_gb * 2**30)):
         reference = None
-        if recipe.recalibrate is not None and recipe.recalibrate.method == "label_free":  # one fp pass for all variants
+        if recipe.recalibrate is not None and recipe.recalibrate.needs_reference:  # one fp pass for all variants
             reference = timed("recalibrate_reference", reference_logits, model, selection.token_ids,
                               recipe.recalibrate)
         for name, variant in variants.items():

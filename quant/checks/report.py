@@ -44,6 +44,14 @@ def _recalibration(report: dict) -> list[str]:
         bound = " (at the search bound)" if fit.get("at_bound") else ""
         lines.append(f"| {name} | {fit['method']} | {fit['temperature']:.3f}{bound} | {fit['positions']} | "
                      f"{_interval(before, 'text.ece')} | {_interval(after, 'text.ece')} | {mmlu[0]} | {mmlu[1]} |")
+    for name, fit in report["recalibration"].items():
+        if fit.get("process"):
+            p = fit["process"]
+            lines.append(f"\n{name} (dual_align): peak divergence layer {p['peak_layer']} (Jensen-Shannon "
+                         f"{p['js_by_layer'][p['peak_layer'] - 1]:.4f} -> {p['js_by_layer'][p['peak_layer']]:.4f} "
+                         f"nats; last layer {p['js_by_layer'][-1]:.4f}); {p['disagree']} fit positions disagree "
+                         f"with full precision, {p['rows']} readouts of layers {p['peak_layer']}.."
+                         f"{len(p['js_by_layer']) - 1} in the process term (weight {p['weight']:g}).")
     return lines
 
 

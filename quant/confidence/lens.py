@@ -29,7 +29,7 @@ from quant.confidence.recalibrate import Models, forward_groups  # noqa: E402
 from quant.confidence.softmax import SoftmaxScratch  # noqa: E402
 from quant.files import atomic_path  # noqa: E402
 from quant.errors import CalqError  # noqa: E402
-from quant.models import final_norm, logit_map  # noqa: E402
+from quant.models import Readout  # noqa: E402
 from quant.schema import StrictModel  # noqa: E402
 
 COLUMNS = ("accuracy", "mean_confidence", "ece", "mce")
@@ -109,18 +109,16 @@ def _layer_predictions(model: nn.Module, ids: Tensor, pos: Tensor, temperatures:
     output = model(input_ids=ids[None].to(dev), output_hidden_states=True, use_cache=False, logits_to_keep=pos)
     hidden = [h[:, pos] for h in output.hidden_states]
     fix = "set evaluation.logit_lens: null for this model"
-    norm = final_norm(model, "the logit lens", fix)
-    head, after = model.get_output_embeddings(), logit_map(model)
+    readout = Readout(model, "the logit lens", fix)
     out = [([], []) for _ in temperatures]
     scratch = SoftmaxScratch()
     for i, h in enumerate(hidden):
-        # transformers returns the last entry already through the final norm (it is last_hidden_state)
-        z = after(head(h[0] if i == len(hidden) - 1 else norm(h[0])).float())
+        z = readout(h[0], last=i == len(hidden) - 1)
         if i == len(hidden) - 1:  # the last layer's lens must be the model's own prediction
             own = output.logits[0].float()
             if (z - own).abs().max() > 1e-3 * (1 + own.abs().max()):
                 raise CalqError(f"the logit lens cannot reproduce {type(model).__name__}'s logits from its final "
-                                f"norm, output head and scaling after it ({after.source}); {fix}")
+                                f"norm, output head and scaling after it ({readout.after.source}); {fix}")
         for (conf, pred), temperature in zip(out, temperatures):
             s = scratch.stats(z, temperature)
             conf.append(s.conf.cpu())

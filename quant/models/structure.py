@@ -93,6 +93,19 @@ def logit_map(model: nn.Module) -> LogitMap:
     return LogitMap(scale, cap, ", ".join(parts) or "none")
 
 
+class Readout:
+    """Any layer's residual stream read out as the model's own prediction: its final norm, output head and the
+    scaling after it (the logit lens). transformers returns the last hidden state already through the final norm."""
+
+    def __init__(self, model: nn.Module, needed_by: str, fix: str) -> None:
+        self.norm, self.head = final_norm(model, needed_by, fix), model.get_output_embeddings()
+        self.after = logit_map(model)
+
+    def __call__(self, h: Tensor, last: bool) -> Tensor:
+        """float32 logits of hidden states `h` (..., hidden); `last`: `h` is the model's last hidden state."""
+        return self.after(self.head(h if last else self.norm(h)).float())
+
+
 @torch.no_grad()
 def norm_offset(norm: nn.Module) -> float:
     """The offset in y = x_hat * (offset + weight) (+ bias): 0 for most norms, 1 for Gemma's. Read off the norm's

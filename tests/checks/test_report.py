@@ -27,7 +27,7 @@ evaluation:
   tasks:
     - {{name: facts, kind: free_text, path: builtin:facts, fields: {{id: id}}, max_items: 6, max_new_tokens: 4}}
     - {{name: mc, kind: multiple_choice, path: {mc}, fields: {{id: id}}, normalization: per_char}}
-recalibrate: {{method: label_free, positions: 256, max_samples: 8}}
+recalibrate: {{method: dual_align, positions: 256, max_samples: 8, profile_positions: 64}}
 gates:
   - {{metric: text.perplexity, max_ratio: 100}}
   - {{metric: text.ece, max_increase: 0.5}}
@@ -49,7 +49,7 @@ def test_recalibrated_variant_is_evaluated_saved_and_gated(tiny_run, capsys):
     result, run_dir = tiny_run, tiny_run.run_dir
     assert set(result.evals) == {"fp", "w4", "w4+T"}
     fit = result.recalibration["w4"]
-    assert fit.method == "label_free" and 0.25 < fit.temperature < 4 and fit.objective_after <= fit.objective_before
+    assert fit.method == "dual_align" and 0.25 < fit.temperature < 4 and fit.objective_after <= fit.objective_before
     # the saved checkpoint is the re-calibrated model, with its temperature in the metadata
     assert checkpoint_info(run_dir / "models" / "w4").temperature == fit.temperature
     reloaded, _ = load(run_dir / "models" / "w4", device="cpu")
@@ -81,7 +81,10 @@ def test_report_shows_intervals_recalibration_and_plots(tiny_run):
     assert est["value"] == ev["w4+T"]["text"]["ece"] and est["low"] <= est["high"]
     assert set(ev["w4+T"]["vs_reference"]["text.perplexity"]) == {"difference", "ratio"}
     md = (run_dir / "report.md").read_text()
-    assert "## Re-calibration" in md and "| w4 | label_free |" in md and "## Gate: FAIL" in md
+    assert "## Re-calibration" in md and "| w4 | dual_align |" in md and "## Gate: FAIL" in md
+    process = report["recalibration"]["w4"]["process"]  # dual_align's process half, in the report
+    assert len(process["js_by_layer"]) == 3 and 1 <= process["peak_layer"] <= 2
+    assert f"w4 (dual_align): peak divergence layer {process['peak_layer']}" in md
     assert f"{est['value']:.4f} [{est['low']:.4f}, {est['high']:.4f}]" in md
     for name in ("reliability_token.png", "reliability_mmlu.png", "confidence_token.png", "confidence_mmlu.png",
                  "gate.json", "gate.md", "gate.xml"):

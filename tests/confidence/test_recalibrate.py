@@ -8,8 +8,8 @@ from quant.confidence import metrics
 from quant.data import MCItem
 from quant.checks.evaluation import MMLUConfig, collect_mmlu, collect_text
 from quant.confidence.lens import layer_calibration
-from quant.confidence.recalibrate import (T_BOUNDS, RecalibrateConfig, Tempered, apply_temperature, fit_temperature,
-                                          recalibrate, reference_logits, solve_temperature)
+from quant.confidence.recalibrate import (T_BOUNDS, RecalibrateConfig, Tempered, apply_temperature, fit_positions,
+                                          fit_rows, fit_temperature, recalibrate, reference_logits, solve_temperature)
 
 
 def sample_from(model, sequences: int = 24, length: int = 64, seed: int = 0) -> list[torch.Tensor]:
@@ -141,6 +141,72 @@ def test_tempered_view_evaluates_like_the_folded_checkpoint(moderate, tokenizer)
 def test_tempered_view_needs_a_module_as_base(tiny_model):
     with pytest.raises(ValueError, match="'t' is tempered from 'missing'"):
         collect_text({"fp": tiny_model, "t": Tempered("missing", 2.0)}, [torch.arange(10)], "fp")
+
+
+def test_dual_align_is_label_free_when_the_models_never_disagree(peaked, sampled_text):
+    """A temperature never changes a top token, so the process term is empty and dual_align recovers the injected
+    T exactly as label_free does; the divergence profile still sees the temperature at every layer."""
+    overconfident = copy.deepcopy(peaked)
+    apply_temperature(overconfident, 0.5)  # logits x2, at every layer's readout
+    fits = {m: fit_temperature(overconfident, sampled_text, RecalibrateConfig(method=m, positions=512), peaked)
+            for m in ("label_free", "dual_align")}
+    process = fits["dual_align"].process
+    assert process.disagree == 0 and process.rows == 0
+    assert fits["dual_align"].temperature == pytest.approx(fits["label_free"].temperature, rel=1e-9)
+    assert fits["dual_align"].temperature == pytest.approx(2.0, rel=2e-3)
+    assert min(process.js_by_layer) > 0 and 1 <= process.peak_layer <= peaked.config.num_hidden_layers
+
+
+def _perturbed(model, layer: int, scale: float = 8.0):
+    """A stand-in for a quantized model: noise on one decoder layer's MLP output weights (top tokens change)."""
+    other = copy.deepcopy(model)
+    w = other.model.layers[layer].mlp.down_proj.weight
+    w += scale * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    return other
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_dual_align_adds_the_disagreeing_positions_after_the_peak_layer(moderate):
+    """Noise in the last layer only: the readouts of layers 0..L-1 are identical (divergence 0), so the peak is L
+    and the process term is the last layer's cross-entropy on the disagreeing positions. The fit must then be the
+    temperature of the two-term objective built here from label_free's rows, and w = 0 must be label_free."""
+    samples = sample_from(moderate)
+    noisy = _perturbed(moderate, layer=moderate.config.num_hidden_layers - 1)
+    cfg = RecalibrateConfig(method="dual_align", positions=4096, profile_positions=1024)
+    fit = fit_temperature(noisy, samples, cfg, moderate)
+    process = fit.process
+    assert max(process.js_by_layer[:-1]) < 1e-6 and process.js_by_layer[-1] > 0.01  # float32 rounding only
+    assert process.peak_layer == moderate.config.num_hidden_layers
+    assert process.disagree > 50 and process.rows == process.disagree  # one layer after the peak: all fit
+
+    # the same objective from label_free's pieces: every position's final logits, p_ref . z, agreement
+    free = RecalibrateConfig(method="label_free", positions=4096)
+    picks = fit_positions(samples, free)
+    z_all = torch.cat([noisy(input_ids=ids[None, :-1]).logits[0, pos].half() for ids, pos in picks])
+    p_ref = torch.cat([moderate(input_ids=ids[None, :-1]).logits[0, pos].softmax(-1) for ids, pos in picks])
+    t_all = (p_ref * z_all.float()).sum(-1)
+    agree = p_ref.argmax(-1) == z_all.float().argmax(-1)
+    assert int((~agree).sum()) == process.disagree
+    weights = torch.where(agree, 1 / agree.sum(), 1 / (~agree).sum()).double()
+    expected = solve_temperature(z_all, t_all, "label_free", weights / weights.sum())
+    assert fit.temperature == pytest.approx(expected.temperature, rel=2e-3)
+    label_free = fit_temperature(noisy, samples, free, moderate)
+    assert abs(fit.temperature - label_free.temperature) > 0.01  # the process term moved it
+    unweighted = fit_temperature(noisy, samples, cfg.model_copy(update={"process_weight": 0.0}), moderate)
+    assert unweighted.temperature == pytest.approx(label_free.temperature, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_dual_align_profile_starts_where_the_models_part(moderate):
+    samples = sample_from(moderate, sequences=8)
+    rows = fit_rows(_perturbed(moderate, layer=0), samples, RecalibrateConfig(method="dual_align", positions=1024),
+                    moderate)
+    js = rows.process.js_by_layer
+    assert js[0] < 1e-6 and js[1] > 1e-3  # embeddings identical, layer 0's output not
+    assert rows.weights is not None and float(rows.weights.sum()) == pytest.approx(1.0)
+    agree = len(rows.z) - rows.process.rows  # the confidence rows come first, weighted 1 / their count
+    assert rows.process.rows > 0 and agree + rows.process.disagree == 8 * 63  # every position of 8 x 64 tokens
+    assert float(rows.weights[:agree].sum()) == pytest.approx(0.5) and rows.process.rows <= 1024
 
 
 @pytest.mark.parametrize("family", ["llama"])
