@@ -53,8 +53,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="calibration window (default: the recipe's)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="cap on the tokens the methods see (default: every selected token)")
-    parser.add_argument("--domains", nargs="+", default=["wikipedia", "news", "reviews"])
-    parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens per domain")
+    parser.add_argument("--domains", nargs="+", default=["wikipedia", "news", "reviews:2"],
+                        help="evaluation sources, each with its window count after a colon (default: --windows; the "
+                             "packaged reviews have 2 held-out windows of 512 tokens)")
+    parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens per domain")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
@@ -63,12 +65,13 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     model, tokenizer = load_model(recipe.model)
     calibration = recipe.calibration.model_copy(update={"seq_len": args.seq_len or recipe.calibration.seq_len})
-    evals = {d: EvalConfig(text=TextEvalConfig(sources=(d,), windows=args.windows), mmlu=None) for d in args.domains}
+    domains = dict((d.split(":")[0], int(d.split(":")[1]) if ":" in d else args.windows) for d in args.domains)
+    evals = {d: EvalConfig(text=TextEvalConfig(sources=(d,), windows=w), mmlu=None) for d, w in domains.items()}
     reused = 0
     for n in args.sizes:
         for strategy in args.strategies:
-            wanted = [(m, d) for m in args.methods for d in args.domains if (strategy, n, m, d) not in done]
-            reused += len(args.methods) * len(args.domains) - len(wanted)
+            wanted = [(m, d) for m in args.methods for d in domains if (strategy, n, m, d) not in done]
+            reused += len(args.methods) * len(domains) - len(wanted)
             if not wanted:
                 continue
             t0 = time.perf_counter()
