@@ -1,15 +1,19 @@
 """Distributed evaluation: evaluation windows and MMLU batches sharded over torch.distributed processes.
 
 Each process runs the models on its share of the work unit the single-process evaluation already uses:
-a contiguous block of text windows (one forward pass each) and every world-th MMLU batch (the very
-batches, so padding is identical). The raw per-token and per-item arrays are gathered to every process
-in single-process order and reduced there by evaluate.reduce, so the metrics and bootstrap intervals
-equal a single-process run exactly (tests/test_distributed.py checks this on gloo).
+a contiguous block of text windows (one forward pass each), every world-th MMLU batch (the very
+batches, so padding is identical) and a contiguous block of each task's reported items. The raw per-token
+and per-item arrays are gathered to every process in single-process order and reduced there by
+evaluate.reduce, so the text and MMLU metrics and bootstrap intervals equal a single-process run exactly;
+task items are batched within a block, so their padding, and their scores to float rounding, can differ
+(tests/checks/test_distributed.py checks both on gloo).
 
     torchrun --nproc-per-node 2 -m quant.cli eval runs/default    # re-evaluate a run's checkpoints
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -55,6 +59,16 @@ def evaluate_distributed(models: Models, tokenizer: PreTrainedTokenizerBase, cfg
             dist.all_reduce(t)
             np.copyto(p, t.numpy())
         predictions["mmlu"] = mmlu_predictions(probs, items)
-    # tasks are not sharded yet: every process scores them all (the same numbers, no speed-up)
-    predictions.update(collect_tasks(models, tokenizer, [load_task(t) for t in cfg.tasks]))
+    tasks = [load_task(t) for t in cfg.tasks]
+    small = [t.config.name for t in tasks if len(t.items) < world]
+    if small:
+        raise CalqError(f"task {small[0]} has fewer reported items than the {world} processes; raise its max_items "
+                        "or launch fewer processes")
+    mine = collect_tasks(models, tokenizer, [replace(t, items=t.items[_block(len(t.items), rank, world)])
+                                             for t in tasks])
+    task_shards: list[dict[str, dict[str, Predictions]]] = [None] * world
+    dist.all_gather_object(task_shards, mine)
+    for section, by_model in mine.items():
+        predictions[section] = {name: Predictions.concatenate([s[section][name] for s in task_shards])
+                                for name in by_model}
     return reduce(predictions, cfg, reference)
