@@ -85,9 +85,10 @@ class Probe:
 
     def predict(self, features: ArrayLike) -> NDArray[np.float64]:
         """P(answer correct) per row of `features` (signal_matrix with this probe's signals)."""
-        h = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
-        if h.shape[1] != len(self.mean):
-            raise ValueError(f"the probe reads {len(self.mean)} features, got {h.shape[1]}")
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise ValueError(f"the probe reads {len(self.mean)} features, got shape {x.shape}")
+        h = (x - self.mean) / self.scale
         for i, (w, b) in enumerate(self.layers):
             h = h @ w + b
             if i < len(self.layers) - 1:
