@@ -2,6 +2,7 @@
 calibration, variants and re-calibration, evaluated on one probe source only, with the probe on.
 
     python benchmarks/bench_probe.py next_sentence            # the built-in task: ~30 fit / ~90 report items
+    python benchmarks/bench_probe.py next_sentence --samples 16   # what the README's table was measured with
     python benchmarks/bench_probe.py mmlu --per-subject 2     # MMLU: 114 report items, ~228 fit items
 
 Writes runs/bench-probe-<source>/ (report.md, report.json, the checkpoints with their probe.json) and prints the
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--signals", nargs="+", default=["max_prob", "entropy", "margin", "hidden"])
     p.add_argument("--kind", default="logistic")
     p.add_argument("--C", type=float, default=0.05)
+    p.add_argument("--samples", type=int, default=128, help="calibration samples (the default recipe's: 128)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     recipe = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
@@ -40,6 +42,7 @@ def main() -> None:
     ev["logit_lens"] = None
     ev["tasks"] = [dict(t, max_items=None) for t in ev["tasks"] if t["name"] == args.source]
     ev["mmlu"] = {**ev["mmlu"], "per_subject": args.per_subject} if args.source == "mmlu" else None
+    recipe["calibration"]["num_samples"] = args.samples
     recipe.update(name=f"bench-probe-{args.source}", gates=[], export=[],
                   probe={"source": args.source, "fit_items": args.fit_items, "signals": args.signals,
                          "kind": args.kind, "C": args.C})
