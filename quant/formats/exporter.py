@@ -19,7 +19,7 @@ import torch
 from quant.files import atomic_path
 from quant.formats import autoawq, compressed_tensors, gguf
 from quant.confidence.probe import PROBE_FILE
-from quant.formats.checkpoint import checkpoint_dir, write_manifest
+from quant.formats.checkpoint import write_manifest
 from quant.errors import CalqError
 from quant.formats.source import ExportSource, Shapes
 from quant.methods import QuantSpec
@@ -79,7 +79,7 @@ def export(source: str | Path, config: ExportConfig, out: str | Path) -> ExportR
             src.tokenizer.save_pretrained(tmp)
         write_manifest(tmp, config.format, calq=src.calq)
     weights = [p for p in out.iterdir() if p.suffix in (".safetensors", ".gguf")]
-    probe = (checkpoint_dir(source, config.variant) / PROBE_FILE).is_file()
+    probe = (src.directory / PROBE_FILE).is_file()
     result = ExportResult(out, config.format, sum(p.stat().st_size for p in weights),
                           f"the confidence probe ({PROBE_FILE}) is not carried: {config.format} has no place for it; "
                           "it stays with the calq checkpoint" if probe else None)
