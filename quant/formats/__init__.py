@@ -3,4 +3,5 @@
 from quant.formats.checkpoint import checkpoint_dir, load, load_probe, run_variants, save_quantized
 from quant.formats.exporter import ExportConfig, ExportResult, export
 
-__all__ = ["ExportConfig", "ExportResult", "checkpoint_dir", "export", "load", "load_probe", "run_variants", "save_quantized"]
+__all__ = ["ExportConfig", "ExportResult", "checkpoint_dir", "export", "load", "load_probe", "run_variants",
+           "save_quantized"]
