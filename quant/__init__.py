@@ -3,7 +3,7 @@
 The pipeline, one package per stage, each lower one knowing nothing of those above it:
   data (sources, select) | models (load, structure) -> calibrate (capture, stats, walker)
   -> methods (schemes, quantizer, smoothquant / awq / gptq, table, variant) | confidence (metrics, recalibrate, bands,
-  lens) -> checks (evaluation, distributed, gate, report, plots) -> formats (checkpoint, exports)
+  lens, probe) -> checks (evaluation, probing, distributed, gate, report, plots) -> formats (checkpoint, exports)
   -> recipe -> pipeline -> compare | ask -> cli.
 
 The names below are imported on first use, so `import quant.methods` loads only what the methods need.

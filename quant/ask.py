@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,8 +23,10 @@ from quant.confidence.bands import ABSTAIN, UNSURE, BandConfig, band_of
 from quant.data import MCItem
 from quant.errors import CalqError
 from quant.checks import REFERENCE
-from quant.checks.evaluation import LETTERS, encode_prompt, letter_token_ids, mmlu_prompt, templated
-from quant.formats import load, run_variants
+from quant.checks.evaluation import LETTERS, encode_prompt, letter_scoring, letter_token_ids, mmlu_prompt, templated
+from quant.checks.probing import answer_state
+from quant.confidence.probe import Probe, signal_matrix
+from quant.formats import load, load_probe, run_variants
 from quant.formats.checkpoint import MANIFEST
 from quant.models import ModelConfig, load_model
 
@@ -39,13 +41,20 @@ class Answer:
     """Runner-up answers (choices, or tokens at the least confident position) with their probabilities."""
     weakest_token: str | None = None  # free text only: the least confident token and its probability
     weakest_confidence: float | None = None
+    internal: float | None = None
+    """With a probe: the model's own confidence (`confidence` is then the probe's)."""
+    probe_note: str | None = None
+    """Why the checkpoint's probe was not applied, if it has one that was not."""
 
     def lines(self) -> list[str]:
         out = [f"answer: {self.text if self.text is not None else '(withheld)'}",
                f"confidence: {self.confidence:.2f}"
                + (f" (mean token probability; least confident token {self.weakest_token!r} "
-                  f"{self.weakest_confidence:.2f})" if self.weakest_token is not None else ""),
+                  f"{self.weakest_confidence:.2f})" if self.weakest_token is not None else "")
+               + (f" (probe; the model's own: {self.internal:.2f})" if self.internal is not None else ""),
                f"band: {self.band}"]
+        if self.probe_note:
+            out.append(f"probe: {self.probe_note}")
         if self.alternatives:
             where = f" to {self.weakest_token!r}" if self.weakest_token is not None else ""
             out.append(f"alternatives{where}: " + ", ".join(f"{a!r} {p:.2f}" for a, p in self.alternatives))
@@ -72,19 +81,35 @@ def load_for_ask(path: str | Path, variant: str | None = None) -> tuple[nn.Modul
     return load_model(ModelConfig(source=str(path)))
 
 
+def probe_for_ask(path: str | Path, variant: str | None = None) -> Probe | None:
+    """The confidence probe saved with the checkpoint `load_for_ask` loads, if any (full precision and other model
+    sources have none)."""
+    path = Path(path).expanduser()
+    if (path / "models").is_dir() and variant != REFERENCE or (path / MANIFEST).is_file():
+        return load_probe(path, variant)
+    return None
+
+
 @torch.inference_mode()
 def _choice_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, choices: list[str],
-                   cfg: BandConfig) -> Answer:
+                   cfg: BandConfig, probe: Probe | None) -> Answer:
     if not 2 <= len(choices) <= len(LETTERS):
         raise CalqError(f"{len(choices)} choices given; multiple choice takes 2 to {len(LETTERS)}")
     chat = templated(tokenizer, True)
     item = MCItem("ask", "general knowledge", question, tuple(choices), -1)
     ids = torch.tensor([encode_prompt(tokenizer, mmlu_prompt(item, tokenizer, chat), chat)], device="cpu")
-    logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1).logits
-    probs = logits[0, -1, letter_token_ids(tokenizer, chat)[:len(choices)]].float().softmax(-1).cpu()
+    logits, hidden = answer_state(model, ids, torch.ones_like(ids))
+    probs = logits[0, letter_token_ids(tokenizer, chat)[:len(choices)]].softmax(-1)
     ranked = [(f"{LETTERS[i]}. {choices[i]}", float(probs[i])) for i in probs.argsort(descending=True).tolist()]
-    (best, conf), band = ranked[0], band_of(float(probs.max()), cfg)
-    return Answer(None if band == ABSTAIN else best, conf, band, ranked[1:] if band == UNSURE else [])
+    best, internal = ranked[0]
+    scoring = letter_scoring("zero-shot", chat)
+    applied = probe is not None and probe.scoring == scoring
+    conf = float(probe.predict(signal_matrix(probs[None].numpy(), hidden.numpy(), probe.signals))[0]) if applied \
+        else internal
+    note = f"not applied: fitted on {probe.scoring}, this answer is {scoring}" if probe and not applied else None
+    band = band_of(conf, cfg)
+    return Answer(None if band == ABSTAIN else best, conf, band, ranked[1:] if band == UNSURE else [],
+                  internal=internal if applied else None, probe_note=note)
 
 
 @torch.inference_mode()
@@ -123,8 +148,11 @@ def _free_answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question:
 
 
 def ask(model: nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, choices: list[str] | None = None,
-        cfg: BandConfig = BandConfig(), max_new_tokens: int = 48) -> Answer:
-    """Answer `question` (multiple choice when `choices` are given) with its confidence and band."""
+        cfg: BandConfig = BandConfig(), max_new_tokens: int = 48, probe: Probe | None = None) -> Answer:
+    """Answer `question` (multiple choice when `choices` are given) with its confidence and band. With a `probe`
+    fitted on answers scored as this one is, its confidence is the one banded (the model's own is shown too)."""
     if choices:
-        return _choice_answer(model, tokenizer, question, choices, cfg)
-    return _free_answer(model, tokenizer, question, cfg, max_new_tokens)
+        return _choice_answer(model, tokenizer, question, choices, cfg, probe)
+    answer = _free_answer(model, tokenizer, question, cfg, max_new_tokens)
+    return answer if probe is None else replace(answer, probe_note=f"not applied: fitted on {probe.scoring}, this "
+                                                                   "answer is free text")

@@ -161,7 +161,7 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from quant.ask import ask, load_for_ask
+    from quant.ask import ask, load_for_ask, probe_for_ask
     from quant.confidence import BandConfig
 
     try:
@@ -169,7 +169,8 @@ def _ask(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CalqError(f"bad --abstain-below / --very-sure: {err.errors()[0]['msg']}") from None
     model, tokenizer = load_for_ask(args.model, args.variant)
-    answer = ask(model, tokenizer, args.question, args.choices, bands, args.max_new_tokens)
+    answer = ask(model, tokenizer, args.question, args.choices, bands, args.max_new_tokens,
+                 probe_for_ask(args.model, args.variant))
     print("\n".join(answer.lines()))
     return 0
 
@@ -179,6 +180,8 @@ def _export(args: argparse.Namespace) -> int:
 
     result = export(args.path, ExportConfig(format=args.format, variant=args.variant, dtype=args.dtype), args.out)
     print(f"{result.format}: {result.out} ({result.weight_bytes / 2**20:.1f} MB of weights)")
+    if result.left_out:
+        print(result.left_out)
     return 0
 
 

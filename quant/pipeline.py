@@ -20,11 +20,12 @@ import psutil
 import torch
 
 from quant.calibrate import ActivationStats, Streamed, collect_stats
-from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, recalibrate, reference_logits
-from quant.confidence.recalibrate import TemperatureFit
+from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, reference_logits
+from quant.confidence.recalibrate import TemperatureFit, fit_temperature, folded
 from quant.data import Selection, select_samples, source_fingerprint, special_prefix
 from quant.checks import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
 from quant.checks.evaluation import check_tokenizer, templated
+from quant.checks.probing import fit_probes, probe_report
 from quant.checks.plots import confidence_histogram, reliability_diagram
 from quant.checks.report import write_report
 from quant.checks.tasks import describe
@@ -198,20 +199,27 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
             reference = timed("recalibrate_reference", reference_logits, model, selection.token_ids,
                               recipe.recalibrate)
         for name, variant in variants.items():
-            if recipe.recalibrate is None:
-                save_quantized(variant, tokenizer, run_dir / "models" / name)
-                continue
-            fixed = timed(f"recalibrate_{name}", recalibrate, variant.model, selection.token_ids,
-                          recipe.recalibrate, reference)
-            fits[name], shipped[name + SUFFIX] = fixed.fit, Tempered(name, fixed.fit.temperature)
-            save_quantized(replace(variant, model=fixed.model), tokenizer, run_dir / "models" / name,
-                           {"calq_temperature": repr(fixed.fit.temperature)})
+            if recipe.recalibrate is not None:
+                fits[name] = timed(f"recalibrate_{name}", fit_temperature, variant.model, selection.token_ids,
+                                   recipe.recalibrate, reference)
+                shipped[name + SUFFIX] = Tempered(name, fits[name].temperature)
         del reference  # the fits are done: free its logits (400 MB on the default model) before evaluation
         models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}, **shipped}
+        probes = {} if recipe.probe is None else timed("probe_fit", fit_probes, models, tokenizer, recipe.evaluation,
+                                                       recipe.probe)
+        for name, variant in variants.items():  # the shipped model (re-calibrated, if it is) and its probe
+            if name in fits:
+                save_quantized(replace(variant, model=folded(variant.model, fits[name].temperature)), tokenizer,
+                               run_dir / "models" / name, {"calq_temperature": repr(fits[name].temperature)},
+                               probes.get(name + SUFFIX))
+            else:
+                save_quantized(variant, tokenizer, run_dir / "models" / name, probe=probes.get(name))
         evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
         for name, ev in evals.items():  # what gate rules on coverage read
             v = variants.get(name.removesuffix(SUFFIX) if name in shipped else name)
             ev.coverage = {"share": v.coverage.share if v and v.coverage else 0.0}
+        probing = None if recipe.probe is None else timed("probe_report", probe_report, models, tokenizer, evals,
+                                                          recipe.evaluation, recipe.probe, probes)
         if recipe.evaluation.logit_lens is not None:  # where in depth quantization moves confidence
             lens_cfg = recipe.evaluation.logit_lens
             windows = eval_windows(tokenizer, recipe.evaluation.text.model_copy(
@@ -258,6 +266,9 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                   "lines": [r.line() for r in gates.results], "markdown": gates.markdown()},
         "recalibration": {n: {**asdict(f), "variant": n + SUFFIX} for n, f in fits.items()},
         "logit_lens": lens.table() if lens else None,
+        "probe": None if probing is None else {
+            **{k: v for k, v in probing.items() if k != "bands"}, "saved": [f"models/{n}/probe.json" for n in variants],
+            "not_carried": [f"export/{e.variant}-{e.format}" for e in recipe.export]},
         "confidence_bands": {},
         "cache": {"fingerprint": fingerprint, "reused": reused},
         "timings": timings,
@@ -281,6 +292,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                             run_dir / f"reliability_task_{section}.png", f"task {section} reliability ({recipe.name})",
                             recipe.evaluation.ece_bins)
         report["confidence_bands"][f"task.{section}"] = {n: band_table(p.confidence, p.correct) for n, p in preds.items()}
+    if probing is not None:
+        report["confidence_bands"][f"probe.{recipe.probe.source}"] = probing["bands"]
     for cfg in recipe.export:
         timed(f"export_{cfg.variant}_{cfg.format}", export, run_dir, cfg,
               run_dir / "export" / f"{cfg.variant}-{cfg.format}")

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from quant.calibrate import SequentialConfig
 from quant.confidence import SUFFIX, RecalibrateConfig
+from quant.confidence.probe import ProbeConfig
 from quant.data import SelectConfig
 from quant.errors import CalqError
 from quant.checks import REFERENCE, EvalConfig, GateRule
@@ -28,6 +29,8 @@ from quant.methods import METHODS, QuantSpec, is_ignored
 from quant.models import ModelConfig, linearize, resolve_model_path
 from quant.schema import StrictModel
 
+MIN_PROBE_ITEMS = 16
+"""Fewest fit items a probe is fitted on."""
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """Variant names are directory names under the run directory: letters, digits, '.', '_' and '-' only."""
 
@@ -44,6 +47,9 @@ class Recipe(StrictModel):
     recalibrate: RecalibrateConfig | None = None
     """Temperature re-calibration of every variant after quantization (fitted on the calibration samples,
     folded into the saved checkpoint, which is what the gates check); null = off."""
+    probe: ProbeConfig | None = None
+    """A confidence probe per model (quant/confidence/probe.py), fitted on the fit split of MMLU or of a
+    multiple-choice task, reported against the model's own confidence and saved with each checkpoint; null = none."""
     sequential: SequentialConfig | None = None
     """Calibrate layer by layer from the checkpoint on disk (peak memory ~ one layer); null = whole model."""
     output: str = "runs/{name}"
@@ -79,9 +85,22 @@ class Recipe(StrictModel):
                              f"{', '.join(sections) or 'none'}")
             elif name not in sections[section]:
                 found.append(f"gate on {g.metric}: {section} reports {', '.join(m for m in sections[section] if m != 'n')}")
+        found += self._probe_problems()
         if found:
             raise ValueError("; ".join(found))
         return self
+
+    def _probe_problems(self) -> list[str]:
+        if self.probe is None:
+            return []
+        if self.probe.source == "mmlu":
+            return [] if self.evaluation.mmlu is not None else ["probe.source mmlu but evaluation.mmlu is off; turn it "
+                                                                "on or name a multiple-choice task"]
+        choice = [t.name for t in self.evaluation.tasks if t.kind == "multiple_choice"]
+        if self.probe.source not in choice:
+            return [f"probe.source {self.probe.source!r} is neither mmlu nor a multiple-choice task of "
+                    f"evaluation.tasks ({', '.join(choice) or 'none'})"]
+        return []
 
     @property
     def run_dir(self) -> Path:
@@ -150,9 +169,12 @@ def load_recipe(path: str | Path) -> Recipe:
                         "(lm-eval==0.4.13)")
     for task in recipe.evaluation.tasks:  # every task file read and checked before any model loads
         try:
-            load_task(task)
+            loaded = load_task(task)
         except CalqError as err:
             raise CalqError(f"{path}: {err}") from err
+        if recipe.probe is not None and recipe.probe.source == task.name and len(loaded.fit) < MIN_PROBE_ITEMS:
+            raise CalqError(f"{path}: probe.source {task.name}: only {len(loaded.fit)} items in its fit split, a probe "
+                            f"needs {MIN_PROBE_ITEMS}; add items to the task or use probe.source: mmlu")
     found = model_problems(recipe)
     if found:
         raise CalqError(f"{path}: " + "; ".join(found))

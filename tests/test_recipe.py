@@ -34,6 +34,14 @@ def test_default_recipe_loads():
     ("name: x\nquantize: [{name: a, scheme: W8A8}, {name: a, scheme: W8A8}]\n", "unique"),
     ("name: x\nquantize: [{name: ../../x, scheme: W8A8}]\n", "not a plain directory name"),
     ("- just a list\n", "YAML mapping"),
+    ("name: x\nquantize: [{name: a, scheme: W8A8}]\nprobe: {source: nope}\n",
+     "probe.source 'nope' is neither mmlu nor a multiple-choice task of evaluation.tasks \\(none\\)"),
+    ("name: x\nquantize: [{name: a, scheme: W8A8}]\nprobe: {source: facts}\nevaluation: {tasks: [{name: facts, "
+     "kind: free_text, path: 'builtin:facts', fields: {id: id}}]}\n", "probe.source 'facts' is neither mmlu"),
+    ("name: x\nquantize: [{name: a, scheme: W8A8}]\nprobe: {}\nevaluation: {mmlu: null}\n",
+     "probe.source mmlu but evaluation.mmlu is off"),
+    ("name: x\nquantize: [{name: a, scheme: W8A8}]\nprobe: {signals: []}\n", "probe.signals.*distinct and not empty"),
+    ("name: x\nquantize: [{name: a, scheme: W8A8}]\nprobe: {signals: [logits]}\n", "probe.signals.0"),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
     path = tmp_path / "r.yaml"
@@ -154,3 +162,12 @@ def test_lm_eval_task_gates_are_checked_at_load(tmp_path):
     with pytest.raises(CalqError, match=r"lm-eval task name 'mmlu.x'"):
         load_recipe(_write(tmp_path, "name: x\nquantize: [{name: a, scheme: W8A8}]\n"
                                      "evaluation: {lm_eval: {tasks: [mmlu.x]}}\n"))
+
+
+def test_a_probe_on_a_task_with_too_few_fit_items_fails_at_load(tmp_path):
+    rows = "".join(f'{{"id": "q{i}", "question": "q{i}?", "choices": ["a", "b"], "answer": 0}}\n' for i in range(20))
+    (tmp_path / "mc.jsonl").write_text(rows)
+    text = (f"name: x\nquantize: [{{name: a, scheme: W8A8}}]\nprobe: {{source: mc}}\nevaluation:\n  tasks:\n"
+            f"    - {{name: mc, kind: multiple_choice, path: {tmp_path}/mc.jsonl, fields: {{id: id}}}}\n")
+    with pytest.raises(CalqError, match=r"probe.source mc: only \d+ items in its fit split, a probe needs 16"):
+        load_recipe(_write(tmp_path, text))

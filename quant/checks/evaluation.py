@@ -288,11 +288,31 @@ def mmlu_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase, items
     """Letter probabilities (items, 4) of every model. `shard` = (rank, world) scores only every world-th
     batch from rank (the other rows stay 0), so processes share the work with the same batches."""
     use_template = templated(tokenizer, cfg.chat_template)
+    return letter_probabilities(models, tokenizer, mmlu_encoded(tokenizer, items, cfg),
+                                letter_token_ids(tokenizer, use_template), [len(LETTERS)] * len(items), cfg.batch_size,
+                                f"eval mmlu ({cfg.mode})", shard)
+
+
+def mmlu_encoded(tokenizer: PreTrainedTokenizerBase, items: list[MCItem], cfg: MMLUConfig) -> list[list[int]]:
+    """Each item's prompt tokens, as the letters are scored after them."""
+    use_template = templated(tokenizer, cfg.chat_template)
     shots = mmlu_shots(cfg)
-    encoded = [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template, shots.get(it.subject, ())),
-                             use_template) for it in items]
-    return letter_probabilities(models, tokenizer, encoded, letter_token_ids(tokenizer, use_template),
-                                [len(LETTERS)] * len(items), cfg.batch_size, f"eval mmlu ({cfg.mode})", shard)
+    return [encode_prompt(tokenizer, mmlu_prompt(it, tokenizer, use_template, shots.get(it.subject, ())),
+                          use_template) for it in items]
+
+
+def mmlu_fit_items(cfg: MMLUConfig, n: int) -> list[MCItem]:
+    """About `n` items of the fit split, n // 57 per subject (at least 1), in the seeded order after the k-shot
+    examples (never one of them, never a reported item)."""
+    fit = load_mmlu("fit")
+    per = max(n // len({it.subject for it in fit}), 1)
+    return [it for items in _by_subject(stratified_items(fit, cfg.shots + per, cfg.seed)).values()
+            for it in items[cfg.shots:]]
+
+
+def letter_scoring(mode: str, use_template: bool) -> str:
+    """How MMLU-style letters were scored, in words: a probe fitted on one scoring applies to answers scored alike."""
+    return f"MMLU letters, {mode}, {'chat template' if use_template else 'plain prompt'}"
 
 
 def collect_mmlu(models: Models, tokenizer: PreTrainedTokenizerBase, items: list[MCItem],
@@ -309,8 +329,8 @@ def mmlu_predictions(probs: dict[str, np.ndarray], items: list[MCItem]) -> dict[
 # Reduction: metrics with bootstrap intervals
 # ----------------------------------------------------------------------------------------------
 
-def _reduce_kind(preds: dict[str, Predictions], cfg: EvalConfig, reference: str, perplexity: bool
-                 ) -> dict[str, tuple[dict[str, float], dict[str, Estimate], dict[str, dict[str, Estimate]]]]:
+def reduce_section(preds: dict[str, Predictions], cfg: EvalConfig, reference: str, perplexity: bool = False
+                   ) -> dict[str, tuple[dict[str, float], dict[str, Estimate], dict[str, dict[str, Estimate]]]]:
     """(points, intervals, changes vs reference) per model. All models share one set of resamples."""
     cluster = preds[reference].cluster
     for name, p in preds.items():
@@ -349,8 +369,8 @@ def reduce(predictions: dict[str, dict[str, Predictions]], cfg: EvalConfig, refe
     names = list(next(iter(predictions.values())))
     results = {name: ModelEval() for name in names}
     for section, preds in predictions.items():
-        for name, (points, intervals, changes) in _reduce_kind(preds, cfg, reference,
-                                                                perplexity=section == "text").items():
+        for name, (points, intervals, changes) in reduce_section(preds, cfg, reference,
+                                                                  perplexity=section == "text").items():
             r = results[name]
             if section.startswith("task."):
                 r.tasks[section.removeprefix("task.")] = points

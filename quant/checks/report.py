@@ -79,6 +79,39 @@ def _tasks(report: dict) -> list[str]:
     return lines
 
 
+PROBE_ROWS = (("AUROC (right vs wrong)", "auroc"), ("ECE", "ece"), ("accuracy at confidence >= {at}", "selective_accuracy"),
+              ("coverage at confidence >= {at}", "selective_coverage"), ("AURC", "aurc"), ("Brier (binary)", "brier"))
+
+
+def _probe(report: dict) -> list[str]:
+    """Internal vs probe vs combined confidence, per model, with intervals and the paired change against internal."""
+    pr = report["probe"]
+    at = report["recipe"]["evaluation"].get("selective_threshold", 0.75)
+    est = lambda e: f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"  # noqa: E731
+    lines = ["", f"## External confidence (probe on {pr['source']})",
+             f"A {pr['kind']} probe on {', '.join(pr['signals'])}, fitted per model on {pr['fit_items']} items of the "
+             f"fit split ({pr['scoring']}), reported on the evaluation's {pr['report_items']} items; combined = the "
+             "mean of internal and probe. 95% bootstrap intervals; the probe's and combined's paired change against "
+             f"internal below. Cost per answer: probe {pr['probe_ms_per_answer']:.3f} ms, hidden-state pass "
+             f"{pr['hidden_ms_per_answer']:.1f} ms per item and model (a separate pass here; `calq ask` reads it from "
+             "its own).",
+             f"Saved with the calq checkpoints ({', '.join(pr['saved'])}); `calq ask` uses it for answers scored "
+             "the same way."]
+    if pr["not_carried"]:
+        lines.append(f"Not carried by the exports ({', '.join(pr['not_carried'])}): those formats have no place for it.")
+    lines += ["", "| model | confidence | " + " | ".join(label.format(at=at) for label, _ in PROBE_ROWS) + " |",
+              "|---|---|" + "---|" * len(PROBE_ROWS)]
+    for name, rows in pr["models"].items():
+        for row in ("internal", "probe", "combined"):
+            lines.append(f"| {name} | {row} | " + " | ".join(est(rows[row][k]) if k in rows[row] else "-"
+                                                              for _, k in PROBE_ROWS) + " |")
+        for row, change in rows["change"].items():
+            lines.append(f"| {name} | {row} - internal | " + " | ".join(
+                f"{change[k]['value']:+.3f} [{change[k]['low']:+.3f}, {change[k]['high']:+.3f}]" if k in change else "-"
+                for _, k in PROBE_ROWS) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     ev = report["evaluation"]
     ref = ev[report["reference"]]
@@ -158,6 +191,8 @@ def markdown(report: dict) -> str:
         lines += _tasks(report)
     if report.get("recalibration"):
         lines += _recalibration(report)
+    if report.get("probe"):
+        lines += _probe(report)
     if report["gates"]["results"]:
         lines += ["", f"## Gate: {'PASS' if report['gates']['passed'] else 'FAIL'}", report["gates"]["markdown"]]
     if report.get("logit_lens"):

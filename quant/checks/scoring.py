@@ -35,6 +35,9 @@ class Predictions:
     """Bootstrap resampling unit of each item: its window (text) or the item itself (MMLU, tasks)."""
     values: dict[str, np.ndarray] = field(default_factory=dict)
     """Per-item quantities reported as their mean: nll, brier, kl_to_reference, top1_agreement, acc_norm, ..."""
+    probabilities: np.ndarray | None = None
+    """Multiple choice: the probabilities over the choices (items, choices) the confidence is the top one of (what
+    a confidence probe reads); None for text tokens and free text."""
 
     @classmethod
     def concatenate(cls, parts: list[Predictions]) -> Predictions:
@@ -42,7 +45,14 @@ class Predictions:
         offsets = np.cumsum([0] + [int(p.cluster.max()) + 1 if len(p.cluster) else 0 for p in parts[:-1]])
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("confidence", "correct", "prediction")),
                    np.concatenate([p.cluster + o for p, o in zip(parts, offsets)]),
-                   {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values})
+                   {k: np.concatenate([p.values[k] for p in parts]) for k in parts[0].values},
+                   None if parts[0].probabilities is None else _stack_padded([p.probabilities for p in parts]))
+
+
+def _stack_padded(blocks: list[np.ndarray]) -> np.ndarray:
+    """Rows of (items, choices) blocks, the narrower ones padded with probability 0 (as a shorter choice list is)."""
+    width = max(b.shape[1] for b in blocks)
+    return np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1]))) for b in blocks])
 
 
 def choice_predictions(probs: dict[str, np.ndarray], labels: np.ndarray,
@@ -55,15 +65,23 @@ def choice_predictions(probs: dict[str, np.ndarray], labels: np.ndarray,
         p_true = p[rows, labels]
         out[name] = Predictions(p.max(1), p.argmax(1) == labels, p.argmax(1), rows,
                                 {"nll": -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0)),
-                                 "brier": (p * p).sum(1) - 2 * p_true + 1, **(extra or {}).get(name, {})})
+                                 "brier": (p * p).sum(1) - 2 * p_true + 1, **(extra or {}).get(name, {})}, p)
     return out
 
 
 def loglikelihood_predictions(scores: dict[str, np.ndarray], chars: np.ndarray, labels: np.ndarray,
                               normalization: str = "sum") -> dict[str, Predictions]:
     """Predictions from each choice's summed log-likelihood (items, choices; missing choices -inf), as lm-eval's
-    multiple_choice: acc is the argmax of the sums, acc_norm the argmax per character (`chars`, the choices'
-    lengths); the prediction and its confidence, the softmax over the scores, use `normalization` (sum | per_char)."""
+    multiple_choice (see `loglikelihood_choices`)."""
+    return choice_predictions(*loglikelihood_choices(scores, chars, labels, normalization))
+
+
+def loglikelihood_choices(scores: dict[str, np.ndarray], chars: np.ndarray, labels: np.ndarray,
+                          normalization: str = "sum") -> tuple[dict[str, np.ndarray], np.ndarray,
+                                                               dict[str, dict[str, np.ndarray]]]:
+    """(probabilities over the choices, labels, extra per-item values) per model from each choice's summed
+    log-likelihood: acc is the argmax of the sums, acc_norm the argmax per character (`chars`, the choices'
+    lengths); the probabilities, the softmax over the scores, use `normalization` (sum | per_char)."""
     probs, extra = {}, {}
     for name, summed in scores.items():
         per_char = summed / chars
@@ -72,7 +90,7 @@ def loglikelihood_predictions(scores: dict[str, np.ndarray], chars: np.ndarray, 
         z = summed if normalization == "sum" else per_char
         z = np.exp(z - z.max(1, keepdims=True))
         probs[name] = z / z.sum(1, keepdims=True)
-    return choice_predictions(probs, labels, extra)
+    return probs, labels, extra
 
 
 def _pad(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from quant.checks.scoring import (SUMMARY, Predictions, choice_predictions, continuation_loglikelihoods, encode_pair,
-                                  padded, letter_probabilities, letter_token_ids, loglikelihood_predictions)
+                                  padded, letter_probabilities, letter_token_ids,
+                                  loglikelihood_choices)
 from quant.confidence.recalibrate import Models, forward_groups
 from quant.data.tasks import LETTERS, Task, TaskConfig, TaskItem
 
@@ -91,19 +92,31 @@ def describe(task: Task, tokenizer: PreTrainedTokenizerBase) -> str:
 # multiple choice
 
 
-def _multiple_choice(models: Models, tokenizer: PreTrainedTokenizerBase, task: Task) -> dict[str, Predictions]:
+def task_prompts(task: Task, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each item's encoded context: what its answer is scored after (letters: the next token; log-likelihood: the
+    choices as continuations, the context's trailing spaces moved to them as lm-eval does)."""
+    chat = uses_template(tokenizer, task.config)
+    contexts = [task_context(task, it, tokenizer) for it in task.items]
+    if task.config.scoring == "letters":
+        return [tokenizer(c, add_special_tokens=not chat)["input_ids"] for c in contexts]
+    return [encode_pair(tokenizer, c, "", add_special_tokens=not chat)[0] for c in contexts]
+
+
+def choice_probabilities(models: Models, tokenizer: PreTrainedTokenizerBase,
+                         task: Task) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """(probabilities over the choices (items, widest choice count; padded columns 0) per model, the right choices,
+    extra per-item values per model: acc and acc_norm for log-likelihood scoring) of a multiple-choice task."""
     cfg, items = task.config, task.items
     chat = uses_template(tokenizer, cfg)
-    contexts = [task_context(task, it, tokenizer) for it in items]
     labels = np.array([it.answer for it in items])
     width = max(len(it.choices) for it in items)
     desc = f"task {cfg.name}"
     if cfg.scoring == "letters":
         letters = letter_token_ids(tokenizer, chat, LETTERS[:width])
-        encoded = [tokenizer(c, add_special_tokens=not chat)["input_ids"] for c in contexts]
-        probs = letter_probabilities(models, tokenizer, encoded, letters, [len(it.choices) for it in items],
-                                     cfg.batch_size, desc)
-        return choice_predictions(probs, labels)
+        probs = letter_probabilities(models, tokenizer, task_prompts(task, tokenizer), letters,
+                                     [len(it.choices) for it in items], cfg.batch_size, desc)
+        return probs, labels, {}
+    contexts = [task_context(task, it, tokenizer) for it in items]
     requests, owner = [], []
     for k, (it, ctx) in enumerate(zip(items, contexts)):
         for c in it.choices:
@@ -118,7 +131,7 @@ def _multiple_choice(models: Models, tokenizer: PreTrainedTokenizerBase, task: T
     for name, values in ll.items():
         scores[name] = np.full((len(items), width), -np.inf)
         scores[name][np.array(owner), col] = values
-    return loglikelihood_predictions(scores, chars, labels, cfg.normalization)
+    return loglikelihood_choices(scores, chars, labels, cfg.normalization)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,7 +221,7 @@ def collect_tasks(models: Models, tokenizer: PreTrainedTokenizerBase,
     out: dict[str, dict[str, Predictions]] = {}
     for task in tasks:
         if task.config.kind == "multiple_choice":
-            out[f"task.{task.config.name}"] = _multiple_choice(models, tokenizer, task)
+            out[f"task.{task.config.name}"] = choice_predictions(*choice_probabilities(models, tokenizer, task))
         else:
             out.update(_free_text(models, tokenizer, task))
     return out

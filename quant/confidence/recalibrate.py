@@ -355,6 +355,11 @@ def recalibrate(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
                 reference: Reference | None = None) -> Recalibrated:
     """A copy of `model` with the temperature fitted on `samples` folded in (the input is not modified)."""
     fit = fit_temperature(model, samples, cfg, reference)
+    return Recalibrated(folded(model, fit.temperature), fit)
+
+
+def folded(model: nn.Module, temperature: float) -> nn.Module:
+    """A copy of `model` with `temperature` folded in (the input is not modified)."""
     calibrated = copy.deepcopy(model)
-    apply_temperature(calibrated, fit.temperature)
-    return Recalibrated(calibrated, fit)
+    apply_temperature(calibrated, temperature)
+    return calibrated

@@ -112,10 +112,14 @@ class Task:
     items: list[TaskItem]
     """The report split (what is scored and reported)."""
     shots: list[TaskItem]
-    held_out: int
-    """Items of the fit split, never reported."""
+    fit: list[TaskItem]
+    """Items of the fit split, never reported (what a confidence probe is fitted on)."""
     dropped: int
     """Report items beyond max_items, not evaluated (shown in the report)."""
+
+    @property
+    def held_out(self) -> int:
+        return len(self.fit)
 
 
 def _hash_mod4(key: str) -> int:
@@ -264,10 +268,11 @@ def load_task(cfg: TaskConfig) -> Task:
                         f"{cfg.shot_split!r}; lower shots or add {cfg.shot_split!r} rows")
     shots = random.Random(cfg.seed).sample(shot_pool, cfg.shots) if cfg.shots else []
     report = [it for it in evaluated if _hash_mod4(f"{cfg.name}:{it.item_id}") != 3]
+    fit = [it for it in evaluated if _hash_mod4(f"{cfg.name}:{it.item_id}") == 3]
     if not report:
         raise CalqError(f"{where[0]}: all {len(evaluated)} items fall in the fit split; add items")
     kept = report[:cfg.max_items] if cfg.max_items else report
-    return Task(cfg, kept, shots, len(evaluated) - len(report), len(report) - len(kept))
+    return Task(cfg, kept, shots, fit, len(report) - len(kept))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quant.confidence.probe import PROBE_FILE, Probe
 from quant.errors import CalqError
 from quant.files import atomic_path, sha256_file
 from quant.models import linearize
@@ -101,17 +102,32 @@ def checkpoint_info(directory: Path) -> CheckpointInfo:
 
 
 def save_quantized(result: QuantizeResult, tokenizer: PreTrainedTokenizerBase, directory: Path,
-                   metadata: dict[str, str] | None = None) -> None:
+                   metadata: dict[str, str] | None = None, probe: Probe | None = None) -> None:
     """Quantized weights (packed codes, scales, zeros) as safetensors with the scheme in the metadata,
-    config, tokenizer and a hash manifest, written atomically."""
+    config, tokenizer, the confidence probe if there is one (probe.json) and a hash manifest, written atomically."""
     with atomic_path(Path(directory)) as tmp:
         tmp.mkdir()
+        if probe is not None:
+            (tmp / PROBE_FILE).write_text(probe.to_json())
         meta = {"calq_spec": result.spec.model_dump_json(), "quantized_layers": json.dumps(result.quantized),
                 **(metadata or {})}
         save_model(result.model, str(tmp / WEIGHTS), metadata=meta)
         result.model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, "calq")
+
+
+def load_probe(path: str | Path, variant: str | None = None) -> Probe | None:
+    """The confidence probe saved with a checkpoint (its probe.json, hash-checked against the manifest), or None
+    when the checkpoint has none."""
+    directory = checkpoint_dir(path, variant)
+    digest = json.loads((directory / MANIFEST).read_text())["sha256"].get(PROBE_FILE)
+    if digest is None:
+        return None
+    if not (directory / PROBE_FILE).is_file() or sha256_file(directory / PROBE_FILE) != digest:
+        raise CalqError(f"{directory / PROBE_FILE}: hash mismatch against {MANIFEST} (truncated or modified); "
+                        "re-create the checkpoint")
+    return Probe.load(directory)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, variant: str | None = None

@@ -18,6 +18,7 @@ import torch
 
 from quant.files import atomic_path
 from quant.formats import autoawq, compressed_tensors, gguf
+from quant.confidence.probe import PROBE_FILE
 from quant.formats.checkpoint import write_manifest
 from quant.errors import CalqError
 from quant.formats.source import ExportSource, Shapes
@@ -60,6 +61,8 @@ class ExportResult:
     format: Format
     weight_bytes: int
     """Bytes of the weight files (safetensors or GGUF) as written."""
+    left_out: str | None = None
+    """What of the checkpoint the format cannot carry (its confidence probe), in one line; None if nothing."""
 
 
 def export(source: str | Path, config: ExportConfig, out: str | Path) -> ExportResult:
@@ -76,6 +79,9 @@ def export(source: str | Path, config: ExportConfig, out: str | Path) -> ExportR
             src.tokenizer.save_pretrained(tmp)
         write_manifest(tmp, config.format, calq=src.calq)
     weights = [p for p in out.iterdir() if p.suffix in (".safetensors", ".gguf")]
-    result = ExportResult(out, config.format, sum(p.stat().st_size for p in weights))
+    probe = (src.directory / PROBE_FILE).is_file()
+    result = ExportResult(out, config.format, sum(p.stat().st_size for p in weights),
+                          f"the confidence probe ({PROBE_FILE}) is not carried: {config.format} has no place for it; "
+                          "it stays with the calq checkpoint" if probe else None)
     log.info("exported %s as %s to %s (%.1f MB)", src.info.spec.name, config.format, out, result.weight_bytes / 2**20)
     return result

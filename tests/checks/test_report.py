@@ -28,6 +28,7 @@ evaluation:
     - {{name: facts, kind: free_text, path: builtin:facts, fields: {{id: id}}, max_items: 6, max_new_tokens: 4}}
     - {{name: mc, kind: multiple_choice, path: {mc}, fields: {{id: id}}, normalization: per_char}}
 recalibrate: {{method: dual_align, positions: 256, max_samples: 8, profile_positions: 64}}
+probe: {{source: mmlu, fit_items: 57, C: 0.5}}
 gates:
   - {{metric: text.perplexity, max_ratio: 100}}
   - {{metric: text.ece, max_increase: 0.5}}
@@ -136,3 +137,29 @@ def test_every_task_is_reported_with_intervals_and_a_reliability_diagram(tiny_ru
     assert "| answers cut at max_new_tokens |" in md and "| MMLU zero-shot accuracy |" in md
     for section in ("facts", "facts.mean_token", "mc"):
         assert (run_dir / f"reliability_task_{section}.png").stat().st_size > 100
+
+
+def test_the_probe_is_fitted_saved_reported_and_used_by_calq_ask(tiny_run, capsys):
+    """Fitted on 57 MMLU fit-split items, the shipped (re-calibrated) variant's probe saved in its checkpoint; the report
+    compares internal / probe / combined on the 57 reported items; the exports are said not to carry it."""
+    from quant.confidence.probe import PROBE_FILE
+    from quant.formats import load_probe
+
+    run_dir = tiny_run.run_dir
+    report = json.loads((run_dir / "report.json").read_text())
+    pr = report["probe"]
+    assert (pr["source"], pr["fit_items"], pr["report_items"]) == ("mmlu", 57, 57)
+    assert set(pr["models"]) == {"fp", "w4", "w4+T"} and pr["saved"] == ["models/w4/probe.json"]
+    internal = pr["models"]["w4+T"]["internal"]
+    assert internal["auroc"]["value"] == pytest.approx(report["evaluation"]["w4+T"]["mmlu"]["auroc"])
+    assert set(report["confidence_bands"]["probe.mmlu"]) == {"fp", "w4", "w4+T"}
+    assert "probe_fit" in report["timings"] and "probe_report" in report["timings"]
+    probe = load_probe(run_dir, "w4")
+    assert probe.scoring == "MMLU letters, zero-shot, chat template" and probe.fit_items == 57
+    assert PROBE_FILE in json.loads((run_dir / "models" / "w4" / "manifest.json").read_text())["sha256"]
+    md = (run_dir / "report.md").read_text()
+    assert "## External confidence (probe on mmlu)" in md and "| w4+T | probe - internal |" in md
+    assert "## Confidence bands (probe.mmlu)" in md
+    assert main(["ask", str(run_dir), "Which is first?", "--variant", "w4", "--choices", "alpha", "beta",
+                 "--abstain-below", "0"]) == 0
+    assert "(probe; the model's own: " in capsys.readouterr().out

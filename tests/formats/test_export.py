@@ -430,3 +430,17 @@ def test_gguf_of_each_llama_cpp_architecture_loads_back_in_transformers(model_ty
         if arch == "llama":
             want = want.reshape(heads, 2, want.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(want.shape)
         torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()))
+
+
+def test_an_export_says_in_one_line_that_it_leaves_the_probe_behind(tmp_path, tokenizer, capsys):
+    import numpy as np
+
+    from quant.confidence.probe import PROBE_FILE, ProbeConfig, fit_probe
+
+    probe = fit_probe(np.arange(20.0)[:, None], np.arange(20) > 9, ProbeConfig(signals=("max_prob",)))
+    save_quantized(quantize_variant(_tiny("llama", tokenizer), SPECS["w4-g32"]), tokenizer, tmp_path / "ckpt", probe=probe)
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if PROBE_FILE in line]
+    assert said == [f"the confidence probe ({PROBE_FILE}) is not carried: compressed-tensors has no place for it; it "
+                    "stays with the calq checkpoint"]
+    assert not (tmp_path / "ct" / PROBE_FILE).exists()
