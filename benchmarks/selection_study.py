@@ -7,7 +7,7 @@ evaluation split of the same sources, so first-N, whose rows all come from the p
 favoured by a Wikipedia-only evaluation). The methods see every selected token (`max_tokens` = samples x seq_len,
 unless --max-tokens caps it), so the sample count is what changes.
 
-    python benchmarks/selection_study.py --out runs/selection_study        # the README table and plot
+    python benchmarks/selection_study.py --out benchmarks/results/selection_study --seq-len 256   # README's table
 
 Writes results.json (one row per strategy, size, method and evaluation domain, kept across reruns: a row already
 there is not recomputed, and the run says how many it reused), selection_study.csv and selection_study.png.
