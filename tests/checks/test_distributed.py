@@ -20,7 +20,7 @@ CFG = EvalConfig(text=TextEvalConfig(windows=3, seq_len=64), mmlu=MMLUConfig(per
                  bootstrap=BootstrapConfig(resamples=50))
 
 
-def _worker(rank: int, world: int, port: int, models, tokenizer, out: str, cfg: EvalConfig = CFG) -> None:
+def _worker(rank: int, world: int, port: int, models, tokenizer, out: str, cfg: EvalConfig) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
@@ -37,16 +37,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("family", ["llama"])
-def test_two_gloo_processes_reproduce_the_single_process_metrics_exactly(tiny_model, tokenizer, tmp_path):
-    models = {"fp": tiny_model, "w4": quantize_variant(tiny_model, QuantSpec(name="w4", weights=WeightScheme(num_bits=4, group_size=32, symmetric=False))).model}
-    single = evaluate(models, tokenizer, CFG, reference="fp")
+def _fp_and_w4(tiny_model) -> dict:
+    return {"fp": tiny_model, "w4": quantize_variant(tiny_model, QuantSpec(name="w4", weights=WeightScheme(
+        num_bits=4, group_size=32, symmetric=False))).model}
+
+
+def _two_process_evals(models, tokenizer, tmp_path, cfg: EvalConfig) -> list[dict]:
+    """What each of 2 gloo processes returns from evaluate_distributed."""
     # fork: the children inherit the imported modules (a spawned child re-imports torch and transformers)
-    mp.start_processes(_worker, args=(2, _free_port(), models, tokenizer, str(tmp_path / "evals")), nprocs=2,
+    mp.start_processes(_worker, args=(2, _free_port(), models, tokenizer, str(tmp_path / "evals"), cfg), nprocs=2,
                        start_method="fork")
+    out = []
     for rank in range(2):
         with open(tmp_path / f"evals.{rank}", "rb") as f:
-            dist_evals = pickle.load(f)
+            out.append(pickle.load(f))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_two_gloo_processes_reproduce_the_single_process_metrics_exactly(tiny_model, tokenizer, tmp_path):
+    models = _fp_and_w4(tiny_model)
+    single = evaluate(models, tokenizer, CFG, reference="fp")
+    for dist_evals in _two_process_evals(models, tokenizer, tmp_path, CFG):
         for name, s in single.items():
             d = dist_evals[name]
             assert d.text["n"] == 3 * 63 and d.mmlu["n"] == 57
@@ -70,14 +82,9 @@ def test_two_gloo_processes_share_the_tasks_items(tiny_model, tokenizer, tmp_pat
              TaskConfig(name="ft", kind="free_text", path="builtin:facts", fields={"id": "id"}, max_items=5,
                         max_new_tokens=3))
     cfg = CFG.model_copy(update={"mmlu": None, "tasks": tasks})
-    models = {"fp": tiny_model, "w4": quantize_variant(tiny_model, QuantSpec(name="w4", weights=WeightScheme(
-        num_bits=4, group_size=32, symmetric=False))).model}
+    models = _fp_and_w4(tiny_model)
     single = evaluate(models, tokenizer, cfg, reference="fp")
-    mp.start_processes(_worker, args=(2, _free_port(), models, tokenizer, str(tmp_path / "evals"), cfg), nprocs=2,
-                       start_method="fork")
-    for rank in range(2):
-        with open(tmp_path / f"evals.{rank}", "rb") as f:
-            dist_evals = pickle.load(f)
+    for dist_evals in _two_process_evals(models, tokenizer, tmp_path, cfg):
         for name, s in single.items():
             d = dist_evals[name]
             assert set(d.tasks) == set(s.tasks) == {"mc", "ft", "ft.mean_token"}
