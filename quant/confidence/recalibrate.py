@@ -184,11 +184,11 @@ def _js(z_a: Tensor, z_b: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def _readouts(states: States, rows: Tensor, layer: int) -> Tensor:
-    """Logits of the flat fit-position indices `rows` read out at `layer`."""
-    hidden = torch.cat([h[layer] for h in states.hidden])[rows]
+def _readouts(states: States, flat: Tensor, rows: Tensor, layer: int) -> Tensor:
+    """Logits of the fit positions `rows` read out at `layer`; `flat` is states.hidden joined over the samples
+    (layers + 1, positions, hidden), so `rows` index the positions as `agree` does."""
     device = next(states.readout.head.parameters()).device
-    return states.readout(hidden.to(device).float(), last=layer == len(states.hidden[0]) - 1).cpu()
+    return states.readout(flat[layer, rows].to(device).float(), last=layer == len(flat) - 1).cpu()
 
 
 def _process_rows(states: States, reference: States, agree: Tensor, cfg: RecalibrateConfig, chunk: int = 256
@@ -196,6 +196,7 @@ def _process_rows(states: States, reference: States, agree: Tensor, cfg: Recalib
     """dual_align's process term: the divergence profile over depth, its peak layer, and the quantized readouts
     (with their p_ref . z targets) of the disagreeing positions at layers peak..L."""
     layers = len(states.hidden[0])
+    flat_q, flat_ref = torch.cat(states.hidden, 1), torch.cat(reference.hidden, 1)  # once, not per chunk
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     profile = torch.randperm(len(agree), generator=gen, device="cpu")[:cfg.profile_positions].sort().values
     js = []
@@ -203,7 +204,7 @@ def _process_rows(states: States, reference: States, agree: Tensor, cfg: Recalib
         total = 0.0
         for i in range(0, len(profile), chunk):
             rows = profile[i:i + chunk]
-            total += float(_js(_readouts(reference, rows, layer), _readouts(states, rows, layer)).sum())
+            total += float(_js(_readouts(reference, flat_ref, rows, layer), _readouts(states, flat_q, rows, layer)).sum())
         js.append(total / len(profile))
     peak = 1 + int(torch.tensor(js).diff().argmax())
     disagree = torch.nonzero(~agree)[:, 0]
@@ -213,9 +214,9 @@ def _process_rows(states: States, reference: States, agree: Tensor, cfg: Recalib
     for layer in range(peak, layers):
         for i in range(0, len(chosen), chunk):
             rows = chosen[i:i + chunk]
-            zq = _readouts(states, rows, layer)
+            zq = _readouts(states, flat_q, rows, layer)
             z.append(zq.half())
-            target.append(_cross_target(_readouts(reference, rows, layer).softmax(-1), zq.half()))
+            target.append(_cross_target(_readouts(reference, flat_ref, rows, layer).softmax(-1), zq.half()))
     vocab = states.logits[0].shape[-1]
     z = torch.cat(z) if z else torch.empty(0, vocab, dtype=torch.half)
     target = torch.cat(target) if target else torch.empty(0)
