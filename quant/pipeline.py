@@ -18,10 +18,11 @@ from pathlib import Path
 import calq_kernels as kernels
 import psutil
 import torch
+from torch import nn
 
 from quant.calibrate import ActivationStats, Streamed, collect_stats
 from quant.confidence import SUFFIX, Tempered, band_table, layer_calibration, reference_logits
-from quant.confidence.recalibrate import TemperatureFit, fit_temperature, folded
+from quant.confidence.recalibrate import Fit, direction_carrier, fit_recalibration
 from quant.data import Selection, select_samples, source_fingerprint, special_prefix
 from quant.checks import REFERENCE, GateReport, ModelEval, check_gates, eval_windows, evaluate
 from quant.checks.evaluation import check_tokenizer, templated
@@ -175,6 +176,8 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
 
     model, tokenizer = timed("load_model", load_model, recipe.model)
     check_tokenizer(tokenizer, recipe.evaluation)
+    if recipe.recalibrate is not None and recipe.recalibrate.method == "direction":
+        direction_carrier(model)  # a model whose checkpoint cannot carry the step is refused before any stage runs
     run_dir.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad recipe leaves no run dir
     write_text_atomic(run_dir / "recipe.json", recipe.model_dump_json(indent=1))
     fingerprint, reused = calibration_fingerprint(recipe), {}
@@ -188,9 +191,9 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                     for spec in recipe.quantize}
     for variant in variants.values():  # a streamed walk keeps its quantized layers on CPU
         prepare_kernels(variant.model.to(recipe.model.torch_device))
-    fits: dict[str, TemperatureFit] = {}
+    fits: dict[str, Fit] = {}
     # re-calibrated variants: what is saved and gated (the raw variant is evaluated too)
-    shipped: dict[str, Tempered] = {}
+    shipped: dict[str, Tempered | nn.Module] = {}
     lens = None
     # every forward pass of the quantized models from here on: their CPU kernels keep prepared weights, then free them
     with kernels.weight_cache(max_bytes=int(recipe.evaluation.weight_cache_gb * 2**30)):
@@ -200,18 +203,17 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                               recipe.recalibrate)
         for name, variant in variants.items():
             if recipe.recalibrate is not None:
-                fits[name] = timed(f"recalibrate_{name}", fit_temperature, variant.model, selection.token_ids,
+                fits[name] = timed(f"recalibrate_{name}", fit_recalibration, variant.model, selection.token_ids,
                                    recipe.recalibrate, reference)
-                shipped[name + SUFFIX] = Tempered(name, fits[name].temperature)
+                shipped[name + SUFFIX] = fits[name].view(name, variant.model)
         del reference  # the fits are done: free its logits (400 MB on the default model) before evaluation
         models = {REFERENCE: model, **{n: v.model for n, v in variants.items()}, **shipped}
         probes = {} if recipe.probe is None else timed("probe_fit", fit_probes, models, tokenizer, recipe.evaluation,
                                                        recipe.probe)
         for name, variant in variants.items():  # the shipped model (re-calibrated, if it is) and its probe
             if name in fits:
-                save_quantized(replace(variant, model=folded(variant.model, fits[name].temperature)), tokenizer,
-                               run_dir / "models" / name, {"calq_temperature": repr(fits[name].temperature)},
-                               probes.get(name + SUFFIX))
+                save_quantized(replace(variant, model=fits[name].fold(variant.model)), tokenizer,
+                               run_dir / "models" / name, fits[name].metadata(), probes.get(name + SUFFIX))
             else:
                 save_quantized(variant, tokenizer, run_dir / "models" / name, probe=probes.get(name))
         evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)
@@ -239,7 +241,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                             "answer_distribution": ev.answer_distribution,
                             "intervals": {k: asdict(e) for k, e in ev.intervals.items()},
                             "vs_reference": {k: {c: asdict(e) for c, e in d.items()} for k, d in ev.vs_reference.items()},
-                            "temperature": fits[base].temperature if name in shipped else None,
+                            "temperature": fits[base].summary().get("temperature") if name in shipped else None,
                             "size_mb": (v.weight_bytes() if v else fp_bytes) / 2**20,
                             "method": v.spec.method if v else "none",
                             "scheme": v.spec.scheme if v else None,
@@ -264,7 +266,7 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                      for t in (recipe.evaluation.lm_eval.tasks if recipe.evaluation.lm_eval else ())}},
         "gates": {"passed": gates.passed, "results": [r.__dict__ for r in gates.results],
                   "lines": [r.line() for r in gates.results], "markdown": gates.markdown()},
-        "recalibration": {n: {**asdict(f), "variant": n + SUFFIX} for n, f in fits.items()},
+        "recalibration": {n: {**f.summary(), "variant": n + SUFFIX} for n, f in fits.items()},
         "logit_lens": lens.table() if lens else None,
         "probe": None if probing is None else {
             **{k: v for k, v in probing.items() if k != "bands"}, "saved": [f"models/{n}/probe.json" for n in variants],

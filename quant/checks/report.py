@@ -33,16 +33,19 @@ def _interval(e: dict, key: str, digits: int = 4) -> str:
 
 def _recalibration(report: dict) -> list[str]:
     ev = report["evaluation"]
-    lines = ["", "## Re-calibration (temperature folded into the final norm)",
-             "The saved checkpoint of each variant is its re-calibrated copy (`calq_temperature` in the safetensors "
-             "metadata); gates check it. ECE with 95% bootstrap intervals, before -> after.", "",
-             "| variant | method | T | fit positions | token ECE before | token ECE after | MMLU ECE before "
+    lines = ["", "## Re-calibration (folded into the checkpoint)",
+             "The saved checkpoint of each variant is its re-calibrated copy (a temperature in the final norm, "
+             "`calq_temperature` in the safetensors metadata; or a calibration-direction step as the bias of the last "
+             "down projection, `calq_direction`); gates check it. ECE with 95% bootstrap intervals, before -> after.",
+             "", "| variant | method | fitted | fit positions | token ECE before | token ECE after | MMLU ECE before "
              "| MMLU ECE after |", "|---|---|---|---|---|---|---|---|"]
     for name, fit in report["recalibration"].items():
         before, after = ev[name], ev[fit["variant"]]
         mmlu = [_interval(e, "mmlu.ece") if e["mmlu"] else "-" for e in (before, after)]
         bound = " (at the search bound)" if fit.get("at_bound") else ""
-        lines.append(f"| {name} | {fit['method']} | {fit['temperature']:.3f}{bound} | {fit['positions']} | "
+        fitted = f"T = {fit['temperature']:.3f}" if fit["method"] != "direction" else \
+            f"step {fit['alpha']:+.4f} x {fit['scale']:.2f}"
+        lines.append(f"| {name} | {fit['method']} | {fitted}{bound} | {fit['positions']} | "
                      f"{_interval(before, 'text.ece')} | {_interval(after, 'text.ece')} | {mmlu[0]} | {mmlu[1]} |")
     for name, fit in report["recalibration"].items():
         if fit.get("process"):
@@ -52,6 +55,14 @@ def _recalibration(report: dict) -> list[str]:
                          f"nats; last layer {p['js_by_layer'][-1]:.4f}); {p['disagree']} fit positions disagree "
                          f"with full precision, {p['rows']} readouts of layers {p['peak_layer']}.."
                          f"{len(p['js_by_layer']) - 1} in the process term (weight {p['weight']:g}).")
+        if fit["method"] == "direction":
+            lines.append(f"\n{name} (direction, {fit['target']}): the top direction of full precision's updates in its "
+                         f"last {fit['layers']} layers ({fit['explained']:.1%} of their energy), a step of "
+                         f"{fit['alpha']:+.4f} typical residual norms ({fit['scale']:.2f}) as the bias of "
+                         f"{fit['layer']}; objective {fit['objective_before']:.4f} -> {fit['objective_after']:.4f}; "
+                         f"top-1 changed on {fit['top1_changed']:.2%} of the fit positions"
+                         + (" (the optimum changed more: step shortened to the allowed share)." if fit["shortened"]
+                            else "."))
     return lines
 
 

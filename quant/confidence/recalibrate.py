@@ -1,4 +1,4 @@
-"""Post-quantization temperature re-calibration, folded into the checkpoint.
+"""Post-quantization re-calibration of confidence, folded into the checkpoint.
 
 Quantization moves a model's confidence. One scalar temperature T (logits / T) fixes most of it:
 - `labelled`: T minimizes next-token NLL on calibration text (never the evaluation split);
@@ -18,6 +18,20 @@ Quantization moves a model's confidence. One scalar temperature T (logits / T) f
   second term is empty and the fit is label_free's exactly. The published description leaves the loss open;
   this is the reading calq implements: the peak layer is where the two processes part, and after it a single
   T can only align confidence, so the disagreeing positions contribute their alignment from there on.
+- `direction`: not a temperature but a step along the *calibration direction* ("Calibration Across Layers", 2025:
+  the final layers of an LLM correct its confidence along a low-dimensional direction of the residual stream).
+  The direction d is full precision's: the top right singular vector of its successive updates h_{l+1} - h_l over
+  the last `direction_layers` layers at the fit positions (signed along their sum). The quantized model's residual
+  stream entering the final norm, h, becomes h + alpha * s * d (s: its median norm, so alpha is in typical norms),
+  with the scalar alpha minimizing
+      label_free: mean_agree CE(p_fp, softmax(readout(h + alpha s d)))    labelled: mean NLL(next token)
+  over |alpha| <= 1 (a bounded scalar search: the readout passes through the norm, so this is not convex in alpha).
+  If the optimum changes more than `max_top1_change` of the fit positions' top-1 tokens, the step is cut back to the
+  longest that does not (the best allowed step if the objective is unimodal along the segment). The step
+  is the bias of the last decoder layer's down projection, whose output is added to h: with the config's
+  `mlp_bias` on (zero biases on every other MLP projection) transformers, vLLM and llama.cpp apply it without calq.
+  A model whose config has no such switch is refused, and the fit checks on one sample that the folded model
+  computes what was fitted. With the quantized model equal to full precision, alpha is 0.
 T is folded into the final norm's weight (the head's product is linear in it; a constant scale after the head,
 Cohere's or Granite's, commutes with it), so every runtime that loads the checkpoint applies it without knowing
 about calq. Under final-logit soft-capping, cap(z) / T = cap'(z / T) with cap' = cap / T, so the config's cap is
@@ -27,20 +41,23 @@ divided by T too: still exact, and written to config.json with the checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 import torch
+from accelerate import init_empty_weights
 from pydantic import Field
+from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quant.errors import CalqError
-from quant.models import Readout, final_norm, fold_scales, logit_map
+from quant.models import Readout, decoder_layers, final_norm, fold_scales, logit_map
 from quant.schema import StrictModel
 
-Method = Literal["labelled", "label_free", "dual_align"]
+Method = Literal["labelled", "label_free", "dual_align", "direction"]
 SUFFIX = "+T"
 """Appended to a variant's name for its re-calibrated copy (`w4a16-g128` -> `w4a16-g128+T`)."""
 
@@ -60,8 +77,18 @@ class RecalibrateConfig(StrictModel):
     """dual_align: fit positions whose every layer is read out for the divergence profile (each costs a
     projection onto the vocabulary per layer and model); the process rows are capped at `positions`."""
 
+    direction_layers: int = Field(4, ge=1)
+    """direction: the final layers whose successive updates of full precision's residual stream define the
+    calibration direction (all of them in a shallower model)."""
+    direction_target: Literal["label_free", "labelled"] = "label_free"
+    """direction: fit the step to full precision's distribution where both models agree, or to the next token."""
+    max_top1_change: float = Field(0.0, ge=0, le=1)
+    """direction: the share of fit positions whose top-1 token the step may change; a longer optimum is shortened
+    until it holds (shown in the report)."""
+
     @property
     def needs_reference(self) -> bool:
+        """label_free and dual_align fit against full precision; direction takes its direction from it."""
         return self.method != "labelled"
 
 
@@ -90,6 +117,20 @@ class TemperatureFit:
     """The search ended at a bound of T_BOUNDS: the best temperature may lie outside (shown in the report)."""
     process: Process | None = None
     """dual_align only."""
+
+    def fold(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` with the temperature in its final norm (the input is not modified)."""
+        return folded(model, self.temperature)
+
+    def view(self, base: str, model: nn.Module) -> Tempered:
+        """What the evaluation runs for the re-calibrated variant: its base's logits divided by T, no second pass."""
+        return Tempered(base, self.temperature)
+
+    def metadata(self) -> dict[str, str]:
+        return {"calq_temperature": repr(self.temperature)}
+
+    def summary(self) -> dict:
+        return asdict(self)
 
 
 T_BOUNDS = (0.25, 4.0)
@@ -124,39 +165,61 @@ class States:
     """dual_align: per sample, float16 (layers + 1, positions, hidden), every layer's residual stream there."""
     readout: Readout | None = None
     """dual_align: the model's own tail, to read `hidden` out."""
+    residual: list[Tensor] | None = None
+    """direction: per sample, float32 (r, positions, hidden; the step is fitted on them, and float16 would move
+    near-tied top-1 tokens): the residual stream of the last r - 1 layers' inputs
+    and the one entering the final norm (what transformers' hidden states leave out: their last is normed)."""
 
 
 @torch.inference_mode()
-def _states_at(model: nn.Module, picks: list[tuple[Tensor, Tensor]], desc: str, layers: bool) -> States:
-    """`model` at each pick's positions; the output head runs at those positions only."""
+def _states_at(model: nn.Module, picks: list[tuple[Tensor, Tensor]], desc: str, layers: bool, residual: int = 0
+               ) -> States:
+    """`model` at each pick's positions; the output head runs at those positions only. `layers`: every layer's
+    hidden state too (dual_align); `residual`: the last `residual` pre-norm residual streams (direction)."""
     device = next(model.parameters()).device
-    logits, hidden = [], []
-    for ids, pos in tqdm(picks, desc=desc, unit="sample", leave=False):
-        pos = pos.to(device)
-        out = model(input_ids=ids[None, :-1].to(device), use_cache=False, logits_to_keep=pos,
-                    output_hidden_states=layers)
-        logits.append(out.logits[0].half().cpu())
-        if layers:
-            hidden.append(torch.stack([h[0, pos] for h in out.hidden_states]).half().cpu())
-    if not layers:
-        return States(logits)
-    return States(logits, hidden, Readout(model, "dual_align re-calibration", "use recalibrate.method: label_free"))
+    logits, hidden, streams, entering = [], [], [], []
+    hook = None
+    if residual:
+        norm = final_norm(model, "the calibration direction", "use recalibrate.method: label_free")
+        hook = norm.register_forward_pre_hook(lambda _, args: entering.append(args[0]))
+    try:
+        for ids, pos in tqdm(picks, desc=desc, unit="sample", leave=False):
+            pos = pos.to(device)
+            out = model(input_ids=ids[None, :-1].to(device), use_cache=False, logits_to_keep=pos,
+                        output_hidden_states=layers or residual > 1)
+            logits.append(out.logits[0].half().cpu())
+            if layers:
+                hidden.append(torch.stack([h[0, pos] for h in out.hidden_states]).half().cpu())
+            if residual:
+                before = out.hidden_states[max(len(out.hidden_states) - residual, 0):-1] if residual > 1 else ()
+                streams.append(torch.stack([h[0, pos] for h in (*before, entering.pop())]).float().cpu())
+    finally:
+        if hook is not None:
+            hook.remove()
+    readout = Readout(model, "dual_align re-calibration", "use recalibrate.method: label_free") if layers else None
+    return States(logits, hidden if layers else None, readout, streams if residual else None)
 
 
 def reference_logits(reference: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig) -> States:
     """The full-precision model at the fit positions: computed once, it serves the fit of every variant
     (`fit_temperature(..., reference=this)`)."""
-    return _states_at(reference, fit_positions(samples, cfg), "reference logits", cfg.method == "dual_align")
+    return _states_at(reference, fit_positions(samples, cfg), "reference logits", cfg.method == "dual_align",
+                      cfg.direction_layers + 1 if cfg.method == "direction" else 0)
+
+
+def _check_reference(reference: States | None, picks: list[tuple[Tensor, Tensor]], cfg: RecalibrateConfig) -> None:
+    if reference is not None and ([len(r) for r in reference.logits] != [len(pos) for _, pos in picks]
+                                  or (reference.hidden is None) == (cfg.method == "dual_align")
+                                  or (reference.residual is None) == (cfg.method == "direction")):
+        raise ValueError("the reference logits were computed on other samples or another recalibrate config; "
+                         "compute them with reference_logits on the same ones")
 
 
 def _collect(model: nn.Module, reference: States | None, samples: list[Tensor], cfg: RecalibrateConfig):
     """`model` at the fit positions, its logits there, and the fit target: the next token, or the reference's
     probabilities reduced to what the objective needs (p_ref . z and the agreement mask)."""
     picks = fit_positions(samples, cfg)
-    if reference is not None and ([len(r) for r in reference.logits] != [len(pos) for _, pos in picks]
-                                  or (reference.hidden is None) == (cfg.method == "dual_align")):
-        raise ValueError("the reference logits were computed on other samples or another recalibrate config; "
-                         "compute them with reference_logits on the same ones")
+    _check_reference(reference, picks, cfg)
     states = _states_at(model, picks, f"fit temperature ({cfg.method})", cfg.method == "dual_align")
     targets, agree = [], []
     for i, ((ids, pos), z) in enumerate(zip(picks, states.logits)):
@@ -322,6 +385,210 @@ def solve_temperature(z: Tensor, target: Tensor, method: Method, weights: Tensor
     return TemperatureFit(1 / beta, method, len(z), before, after, at_bound)
 
 
+DIRECTION_BOUND = 1.0
+"""Steps along the calibration direction searched: |alpha| <= this many typical residual norms (DirectionFit.scale)."""
+
+
+@dataclass(frozen=True)
+class DirectionFit:
+    """A step along full precision's calibration direction, added to the residual stream entering the final norm."""
+
+    target: Literal["label_free", "labelled"]
+    alpha: float
+    """The step, in units of `scale`."""
+    scale: float
+    """Median norm of the quantized model's residual stream entering the final norm, at the fit positions."""
+    explained: float
+    """The direction's share of the energy of the final layers' updates (its singular value squared over all)."""
+    layers: int
+    """Final layers whose updates gave the direction."""
+    layer: str
+    """The linear whose bias carries the step: the last decoder layer's down projection."""
+    positions: int
+    objective_before: float  # at alpha = 0 ...
+    objective_after: float  # ... and at the fitted alpha
+    top1_changed: float
+    """Share of the fit positions whose top-1 token the step changes (at most max_top1_change)."""
+    shortened: bool
+    """The objective's optimum changed more top-1 tokens than allowed: the step was cut back to the longest that
+    does not."""
+    at_bound: bool
+    vector: Tensor = field(repr=False, compare=False)
+    """alpha * scale * direction, float32 (hidden,): the bias added."""
+    method: Literal["direction"] = "direction"
+
+    def fold(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` with the step in its checkpoint (the input is not modified)."""
+        repaired = copy.deepcopy(model)
+        apply_direction(repaired, self.vector, self.layer)
+        return repaired
+
+    def view(self, base: str, model: nn.Module) -> nn.Module:
+        """What the evaluation runs for the repaired variant: the folded copy (a step is not a view of logits)."""
+        return self.fold(model)
+
+    def metadata(self) -> dict[str, str]:
+        return {"calq_direction": json.dumps(self.summary())}
+
+    def summary(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "vector"}
+
+
+def calibration_direction(residual: list[Tensor]) -> tuple[Tensor, float]:
+    """The unit direction along which the final layers update the residual stream most: the top right singular
+    vector of the successive differences h_{l+1} - h_l over the fit positions, signed along their sum, and its share
+    of their energy. `residual` is the reference's States.residual."""
+    updates = torch.cat([r.float().diff(dim=0).flatten(0, 1) for r in residual]).double()
+    values, vectors = torch.linalg.eigh(updates.T @ updates)
+    direction = vectors[:, -1]
+    if float((updates @ direction).sum()) < 0:
+        direction = -direction
+    return direction.float(), float(values[-1] / values.sum().clamp(min=1e-300))
+
+
+def _mlp_biases(model: nn.Module) -> list[str]:
+    """The linears that the config's `mlp_bias` switch gives a bias (built on the meta device, so no table)."""
+    found = []
+    for flag in (False, True):
+        config = copy.deepcopy(model.config)
+        config.mlp_bias = flag
+        with torch.device("cpu"), init_empty_weights():
+            skeleton = type(model)(config)
+        found.append({n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m.bias is not None})
+    return sorted(found[1] - found[0])
+
+
+def direction_carrier(model: nn.Module) -> str:
+    """The linear whose bias adds to the residual stream entering the final norm: the last decoder layer's down
+    projection, with a bias as the config's `mlp_bias` builds it, so transformers, vLLM and llama.cpp load it."""
+    config = model.config
+    if not hasattr(config, "mlp_bias"):
+        raise CalqError(f"recalibrate.method direction: {config.model_type} has no mlp_bias switch in its config, so a "
+                        "bias on its last down projection would not load in transformers or vLLM; use "
+                        "recalibrate.method: label_free")
+    last = decoder_layers(model)[-1].name + "."
+    carriers = [n for n in _mlp_biases(model)
+                if n.startswith(last) and model.get_submodule(n).out_features == config.hidden_size]
+    if len(carriers) != 1:
+        raise CalqError(f"recalibrate.method direction: {type(model).__name__}'s mlp_bias gives {len(carriers)} "
+                        "projections back to the residual stream in the last layer, not one; use "
+                        "recalibrate.method: label_free")
+    return carriers[0]
+
+
+@torch.no_grad()
+def apply_direction(model: nn.Module, vector: Tensor, layer: str) -> None:
+    """Add `vector` to the residual stream entering the final norm, in place, as the bias of `layer`: config.mlp_bias
+    is switched on and every other projection it gives a bias gets a zero one, so the checkpoint loads as saved."""
+    for name in _mlp_biases(model):
+        module = model.get_submodule(name)
+        if module.bias is None:
+            like = next(t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
+            zeros = torch.zeros(module.out_features, dtype=like.dtype, device=like.device)
+            module.bias = nn.Parameter(zeros, requires_grad=False) if isinstance(module, nn.Linear) else zeros
+    model.config.mlp_bias = True
+    carrier = model.get_submodule(layer)
+    carrier.bias.add_(vector.to(carrier.bias))
+
+
+@torch.inference_mode()
+def fit_direction(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig, reference: Reference
+                  ) -> DirectionFit:
+    """The step along full precision's calibration direction that best aligns `model`'s confidence (cfg.direction_target),
+    changing at most cfg.max_top1_change of the fit positions' top-1 tokens."""
+    layer = direction_carrier(model)  # refused before any forward pass
+    if isinstance(reference, nn.Module):
+        reference = reference_logits(reference, samples, cfg)
+    picks = fit_positions(samples, cfg)
+    _check_reference(reference, picks, cfg)
+    h = torch.cat([r[-1] for r in _states_at(model, picks, "fit direction", False, residual=1).residual])
+    direction, explained = calibration_direction(reference.residual)
+    scale = float(h.float().norm(dim=-1).median())
+    readout = Readout(model, "the calibration direction", "use recalibrate.method: label_free")
+    device = next(readout.head.parameters()).device
+    labels = torch.cat([ids[1:][pos] for ids, pos in picks])
+    p_ref = torch.cat(reference.logits)  # float16; softmax per chunk
+
+    def logits(rows: slice, alpha: float) -> Tensor:
+        return readout((h[rows].float() + alpha * scale * direction).to(device), last=False).cpu()
+
+    top = torch.cat([logits(slice(i, i + 256), 0.0).argmax(-1) for i in range(0, len(h), 256)])
+    agree = p_ref.argmax(-1) == top
+    rows = agree if cfg.direction_target == "label_free" else torch.ones_like(agree)
+    if int(rows.sum()) < 16:
+        raise CalqError(f"only {int(rows.sum())} usable positions to fit a calibration direction; add calibration "
+                        "samples")
+
+    def evaluate(alpha: float) -> tuple[float, float]:
+        """(objective, share of top-1 tokens changed) at step alpha."""
+        total, changed = 0.0, 0
+        for i in range(0, len(h), 256):
+            z = logits(slice(i, i + 256), alpha)
+            changed += int((z.argmax(-1) != top[i:i + 256]).sum())
+            keep = rows[i:i + 256]
+            lse = z[keep].logsumexp(-1)
+            if cfg.direction_target == "label_free":
+                total += float((lse - (p_ref[i:i + 256][keep].float().softmax(-1) * z[keep]).sum(-1)).sum())
+            else:
+                total += float((lse - z[keep].gather(-1, labels[i:i + 256][keep, None])[:, 0]).sum())
+        return total / int(rows.sum()), changed / len(h)
+
+    steps = tqdm(desc="fit direction (step)", unit="pass", leave=False)
+
+    def objective(alpha: float) -> float:
+        steps.update()
+        return evaluate(alpha)[0]
+
+    alpha = float(minimize_scalar(objective, bounds=(-DIRECTION_BOUND, DIRECTION_BOUND), method="bounded",
+                                  options={"xatol": 1e-3}).x)
+    after, changed = evaluate(alpha)
+    shortened = changed > cfg.max_top1_change
+    if shortened:  # the optimum is beyond the allowed change: the longest allowed step toward it
+        lo, hi = 0.0, 1.0
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if evaluate(mid * alpha)[1] <= cfg.max_top1_change:
+                lo = mid
+            else:
+                hi = mid
+        alpha *= lo
+        after, changed = evaluate(alpha)
+    steps.close()
+    before = evaluate(0.0)[0]
+    at_bound = abs(alpha) > 0.999 * DIRECTION_BOUND
+    fit = DirectionFit(cfg.direction_target, alpha, scale, explained, len(reference.residual[0]) - 1, layer, int(rows.sum()), before, after, changed,
+                       shortened, at_bound, alpha * scale * direction)
+    _check_carried(model, fit, picks[0], readout)
+    return fit
+
+
+def _check_carried(model: nn.Module, fit: DirectionFit, pick: tuple[Tensor, Tensor], readout: Readout) -> None:
+    """The folded bias computes what the fit assumed (the step reaches the final norm unchanged), checked on one
+    sample: an architecture that transforms the down projection's output first is refused."""
+    entering = _states_at(model, [pick], "check direction", False, residual=1).residual[0][-1]
+    device = next(readout.head.parameters()).device
+    expected = readout(entering.float().to(device) + fit.vector.to(device), last=False).cpu()
+    ids, pos = pick
+    repaired = fit.fold(model)
+    got = repaired(input_ids=ids[None, :-1].to(device), use_cache=False, logits_to_keep=pos.to(device)).logits[0]
+    if (got.float().cpu() - expected).abs().max() > 0.02 * expected.abs().max() + 1e-3:
+        raise CalqError(f"recalibrate.method direction: the bias on {fit.layer} does not reach {type(model).__name__}'s "
+                        "final norm unchanged; use recalibrate.method: label_free")
+
+
+Fit = TemperatureFit | DirectionFit
+
+
+def fit_recalibration(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
+                      reference: Reference | None = None) -> Fit:
+    """cfg.method's repair fitted on calibration samples: a temperature, or a step along the calibration direction."""
+    if cfg.method == "direction":
+        if reference is None:
+            raise ValueError("direction re-calibration needs the full-precision reference model")
+        return fit_direction(model, samples, cfg, reference)
+    return fit_temperature(model, samples, cfg, reference)
+
+
 @dataclass(frozen=True)
 class Tempered:
     """Another model's logits divided by a temperature: what folding T into its final norm gives
@@ -349,14 +616,14 @@ def forward_groups(models: Models) -> list[tuple[nn.Module, list[tuple[str, floa
 @dataclass
 class Recalibrated:
     model: nn.Module
-    fit: TemperatureFit
+    fit: Fit
 
 
 def recalibrate(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfig,
                 reference: Reference | None = None) -> Recalibrated:
-    """A copy of `model` with the temperature fitted on `samples` folded in (the input is not modified)."""
-    fit = fit_temperature(model, samples, cfg, reference)
-    return Recalibrated(folded(model, fit.temperature), fit)
+    """A copy of `model` with the repair fitted on `samples` folded in (the input is not modified)."""
+    fit = fit_recalibration(model, samples, cfg, reference)
+    return Recalibrated(fit.fold(model), fit)
 
 
 def folded(model: nn.Module, temperature: float) -> nn.Module:

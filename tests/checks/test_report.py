@@ -163,3 +163,51 @@ def test_the_probe_is_fitted_saved_reported_and_used_by_calq_ask(tiny_run, capsy
     assert main(["ask", str(run_dir), "Which is first?", "--variant", "w4", "--choices", "alpha", "beta",
                  "--abstain-below", "0"]) == 0
     assert "(probe; the model's own: " in capsys.readouterr().out
+
+
+DIRECTION_RECIPE = """
+name: tiny-direction
+model: {{source: {model}}}
+calibration: {{sources: [{text}], num_samples: 8, seq_len: 64, min_len: 32}}
+quantize:
+  - {{name: w4, scheme: W4A16_ASYM, weights: {{group_size: 32}}}}
+evaluation:
+  text: {{sources: [{text}], windows: 4, seq_len: 64}}
+  mmlu: null
+  tasks: []
+  bootstrap: {{resamples: 100}}
+recalibrate: {{method: direction, positions: 256, max_samples: 8}}
+gates:
+  - {{metric: text.ece, max_increase: 0.5}}
+"""
+
+
+def test_a_calibration_direction_is_fitted_saved_evaluated_and_reported(tmp_path, tokenizer):
+    """`recalibrate: {method: direction}` end to end: the shipped variant is the stepped model, evaluated by its own
+    forward pass, saved with the step as the last down projection's bias (and `calq_direction` in the metadata),
+    gated and reported."""
+    from safetensors import safe_open
+    save_tiny_llama(tmp_path / "model", tokenizer)
+    (tmp_path / "text.txt").write_text("\n".join(_corpus()))
+    (tmp_path / "r.yaml").write_text(DIRECTION_RECIPE.format(model=tmp_path / "model", text=tmp_path / "text.txt"))
+    result = run(load_recipe(tmp_path / "r.yaml"), tmp_path / "run")
+    fit = result.recalibration["w4"]
+    assert fit.method == "direction" and fit.top1_changed == 0 and fit.objective_after <= fit.objective_before
+    assert set(result.evals) == {"fp", "w4", "w4+T"} and {r.variant for r in result.gates.results} == {"w4+T"}
+    directory = tmp_path / "run" / "models" / "w4"
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        meta = json.loads(f.metadata()["calq_direction"])
+    assert meta["alpha"] == fit.alpha and meta["layer"] == "model.layers.1.mlp.down_proj"
+    reloaded, _ = load(directory, device="cpu")
+    assert torch.equal(reloaded.get_submodule(fit.layer).bias, fit.vector)
+    ids = torch.arange(5, 40)[None]
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, fit.fold(result.variants["w4"].model)(input_ids=ids).logits,
+                               rtol=0, atol=0)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["evaluation"]["w4+T"]["temperature"] is None and "vector" not in report["recalibration"]["w4"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"| w4 | direction | step {fit.alpha:+.4f} x {fit.scale:.2f} |" in md
+    assert f"w4 (direction, label_free): the top direction of full precision's updates in its last 2 layers" in md
+    assert "top-1 changed on 0.00% of the fit positions" in md
+    # the evaluation ran the stepped model, not the raw one
+    assert result.evals["w4+T"].text["nll"] != result.evals["w4"].text["nll"]

@@ -1,4 +1,5 @@
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -8,8 +9,10 @@ from quant.confidence import metrics
 from quant.data import MCItem
 from quant.checks.evaluation import MMLUConfig, collect_mmlu, collect_text
 from quant.confidence.lens import layer_calibration
-from quant.confidence.recalibrate import (T_BOUNDS, RecalibrateConfig, Tempered, apply_temperature, fit_positions,
+from quant.confidence.recalibrate import (T_BOUNDS, RecalibrateConfig, Tempered, apply_direction, apply_temperature,
+                                          calibration_direction, direction_carrier, fit_direction, fit_positions,
                                           fit_rows, fit_temperature, recalibrate, reference_logits, solve_temperature)
+from quant.errors import CalqError
 
 
 def sample_from(model, sequences: int = 24, length: int = 64, seed: int = 0) -> list[torch.Tensor]:
@@ -238,3 +241,101 @@ def test_a_folded_temperature_is_exact_after_scaling_and_soft_capping(model_type
         before = model(ids).logits
         apply_temperature(model, 2.5)
         torch.testing.assert_close(model(ids).logits, before / 2.5, atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Calibration direction
+# ------------------------------------------------------------------------------------------------------------------
+
+DIRECTION = RecalibrateConfig(method="direction", positions=1024, max_top1_change=1.0)
+
+
+def _stepped(model, samples, cfg, size: float):
+    """A stand-in for a quantized model: the reference moved `size` typical residual norms along its own
+    calibration direction, at the residual stream entering the final norm. Returns it and the step added."""
+    states = reference_logits(model, samples, cfg)
+    direction, _ = calibration_direction(states.residual)
+    norm = float(torch.cat([r[-1] for r in states.residual]).float().norm(dim=-1).median())
+    moved = copy.deepcopy(model)
+    apply_direction(moved, size * norm * direction, direction_carrier(moved))
+    return moved, size * norm * direction, states
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_direction_recovers_an_injected_step(moderate):
+    """A step injected along the direction is undone exactly: full precision's distribution is reached again, so
+    the label-free objective falls to full precision's entropy."""
+    samples = sample_from(moderate, sequences=16)
+    moved, injected, states = _stepped(moderate, samples, DIRECTION, 0.3)
+    fit = fit_direction(moved, samples, DIRECTION, states)
+    assert float((fit.vector + injected).abs().max()) < 2e-3 * float(injected.abs().max())
+    assert fit.objective_after < fit.objective_before and not fit.shortened and not fit.at_bound
+    assert fit.layers == moderate.config.num_hidden_layers and 0 < fit.explained <= 1
+    assert fit.layer == "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_direction_takes_no_step_on_full_precision_itself(moderate):
+    samples = sample_from(moderate, sequences=8)
+    fit = fit_direction(moderate, samples, DIRECTION, moderate)
+    assert abs(fit.alpha) < 2e-3 and fit.objective_after == pytest.approx(fit.objective_before, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_direction_keeps_every_top1_token_of_the_fit_positions(moderate):
+    """The unconstrained optimum changes some top-1 tokens; with max_top1_change 0 the step is shortened until none
+    change, in the folded model's own forward pass, and still improves the objective. On other text (sampled with
+    another seed) it keeps at least 99% of them."""
+    samples = sample_from(moderate, sequences=16)
+    moved, _, states = _stepped(moderate, samples, DIRECTION, 0.3)
+    cfg = DIRECTION.model_copy(update={"max_top1_change": 0.0})
+    free = fit_direction(moved, samples, DIRECTION, states)
+    fit = fit_direction(moved, samples, cfg, states)
+    assert free.top1_changed > 0 and fit.shortened and fit.top1_changed == 0
+    assert 0 < abs(fit.alpha) < abs(free.alpha) and fit.objective_after < fit.objective_before
+    repaired = fit.fold(moved)
+    for ids, pos in fit_positions(samples, cfg):
+        before, after = (m(input_ids=ids[None, :-1]).logits[0, pos].argmax(-1) for m in (moved, repaired))
+        assert torch.equal(before, after)
+    other = torch.stack(sample_from(moderate, sequences=8, seed=1))
+    kept = (moved(input_ids=other).logits.argmax(-1) == repaired(input_ids=other).logits.argmax(-1)).float().mean()
+    assert kept >= 0.99
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_labelled_direction_fits_the_next_token(moderate):
+    """Labelled: the objective is the next token's NLL on every fit position, lowered by the fitted step."""
+    samples = sample_from(moderate, sequences=8)
+    moved, _, states = _stepped(moderate, samples, DIRECTION, 0.3)
+    fit = fit_direction(moved, samples, DIRECTION.model_copy(update={"direction_target": "labelled"}), states)
+    assert fit.target == "labelled" and fit.positions == sum(len(p) for _, p in fit_positions(samples, DIRECTION))
+    assert fit.objective_after < fit.objective_before
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_direction_is_refused_where_the_checkpoint_cannot_carry_it(tiny_model):
+    with pytest.raises(CalqError, match=r"has no mlp_bias switch in its config.*use recalibrate.method: label_free"):
+        fit_direction(tiny_model, [torch.arange(40)], DIRECTION, tiny_model)
+
+
+def test_calibration_direction_is_the_final_layers_dominant_update():
+    """Updates h_{l+1} - h_l made of one direction u (with positive weights) plus small noise: the direction is u,
+    signed along the updates, and carries nearly all their energy."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    start = torch.randn(50, 32, generator=g)
+    steps = [torch.rand(50, 1, generator=g) * u + 0.01 * torch.randn(50, 32, generator=g) for _ in range(3)]
+    residual = torch.stack([start + sum(steps[:i], torch.zeros(32)) for i in range(4)])  # (4, positions, hidden)
+    direction, explained = calibration_direction([residual[:, :25], residual[:, 25:]])
+    assert float(direction @ u) > 0.999 and explained > 0.99
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_a_bias_that_does_not_reach_the_final_norm_unchanged_is_refused(moderate, monkeypatch):
+    """The fit checks the folded model's own forward against the step it fitted: a carrier whose output goes
+    through another layer first (here the first layer's down projection) is refused, not shipped."""
+    monkeypatch.setattr(importlib.import_module("quant.confidence.recalibrate"), "direction_carrier", lambda model: "model.layers.0.mlp.down_proj")
+    samples = sample_from(moderate, sequences=4)
+    moved, _, states = _stepped(moderate, samples, DIRECTION, 0.3)
+    with pytest.raises(CalqError, match="does not reach LlamaForCausalLM's final norm unchanged"):
+        fit_direction(moved, samples, DIRECTION, states)

@@ -444,3 +444,29 @@ def test_an_export_says_in_one_line_that_it_leaves_the_probe_behind(tmp_path, to
     assert said == [f"the confidence probe ({PROBE_FILE}) is not carried: compressed-tensors has no place for it; it "
                     "stays with the calq checkpoint"]
     assert not (tmp_path / "ct" / PROBE_FILE).exists()
+
+
+def test_a_calibration_direction_travels_in_the_checkpoint_and_its_exports(tmp_path, tokenizer):
+    """The step is the last down projection's bias (config mlp_bias, zero biases on every other MLP projection):
+    calq's reload, transformers' compressed-tensors loader and the GGUF file all carry it."""
+    from quant.confidence.recalibrate import apply_direction, direction_carrier
+    result = quantize_variant(_tiny("llama", tokenizer), SPECS["w4-g32"])
+    ids = _ids(tokenizer)
+    plain = result.model(ids).logits
+    layer = direction_carrier(result.model)
+    step = torch.randn(result.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    apply_direction(result.model, step, layer)
+    stepped = result.model(ids).logits
+    assert (stepped - plain).abs().max() > 1e-2  # the step moves the logits
+    root = tmp_path / "run"
+    save_quantized(result, tokenizer, root / "models" / "w4", metadata={"calq_direction": "{}"})
+    ours, _ = quant.load(root / "models" / "w4", device="cpu")
+    assert ours.config.mlp_bias and torch.equal(ours.get_submodule(layer).bias, step)
+    torch.testing.assert_close(ours(ids).logits, stepped, rtol=0, atol=0)
+    out = export(root, ExportConfig(format="compressed-tensors", variant="w4", dtype="float32"), tmp_path / "ct").out
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(theirs(ids).logits, stepped, rtol=0, atol=1e-5)
+    reader = gguf.GGUFReader(export(root, ExportConfig(format="gguf", variant="w4"), tmp_path / "gguf").out / "model.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    torch.testing.assert_close(torch.from_numpy(np.array(tensors["blk.1.ffn_down.bias"].data)), step)
+    assert not np.array(tensors["blk.0.ffn_down.bias"].data).any()  # llama.cpp's optional MLP biases, zero elsewhere
