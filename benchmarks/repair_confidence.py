@@ -1,10 +1,13 @@
-"""Confidence repair after quantization, compared: no repair, labelled T, label-free T (DACA) and dual_align T.
+"""Confidence repair after quantization, compared: no repair, labelled T, label-free T (DACA), dual_align T and a
+step along the calibration direction.
 
-Every temperature is fitted on the recipe's calibration samples (never the evaluation split) and evaluated as a view
-of its variant's forward pass, so the four rows of a variant differ by their temperature only. The gap to full
+Every repair is fitted on the recipe's calibration samples (never the evaluation split). A temperature is evaluated
+as a view of its variant's forward pass; a direction step as the stepped model's own forward pass. The gap to full
 precision is the paired bootstrap interval of (variant - fp) on the same windows / items.
 
     python benchmarks/repair_confidence.py --out runs/repair_confidence     # the README table
+    python benchmarks/repair_confidence.py --out runs/repair_direction --no-recipe-variants \
+        --repairs labelled label_free direction                            # the direction rows
 
 Variants: the default recipe's two, plus aggressive min-max W4 (symmetric g128, and per channel), where a
 temperature has more to repair. Writes results.json and table.md.
@@ -19,8 +22,8 @@ from pathlib import Path
 import calq_kernels as kernels
 from quant.checks import REFERENCE, EvalConfig, evaluate
 from quant.checks.evaluation import TextEvalConfig
-from quant.confidence import RecalibrateConfig, Tempered
-from quant.confidence.recalibrate import fit_temperature, reference_logits
+from quant.confidence import RecalibrateConfig
+from quant.confidence.recalibrate import fit_recalibration, reference_logits
 from quant.data import select_samples
 from quant.files import write_text_atomic
 from quant.methods import QuantSpec, quantize_variant
@@ -31,7 +34,7 @@ VARIANTS = [
     {"name": "w4-g128-minmax", "scheme": "W4A16"},
     {"name": "w4-channel-minmax", "scheme": "W4A16", "weights": {"strategy": "channel", "group_size": None}},
 ]
-REPAIRS = ("labelled", "label_free", "dual_align")
+REPAIRS = ("labelled", "label_free", "dual_align", "direction")
 ROWS = (("text.ece", 4), ("text.nll", 4), ("text.kl_to_reference", 4), ("text.accuracy", 4),
         ("task.next_sentence.ece", 3), ("task.next_sentence.accuracy", 3))
 
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="held-out Wikipedia windows of 512 tokens")
     parser.add_argument("--items", type=int, default=48, help="next_sentence items reported")
     parser.add_argument("--no-recipe-variants", action="store_true", help="only the aggressive min-max variants")
+    parser.add_argument("--repairs", nargs="+", choices=REPAIRS, default=list(REPAIRS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -52,7 +56,7 @@ def main() -> None:
     specs = [] if args.no_recipe_variants else list(recipe.quantize)
     specs += [QuantSpec.model_validate(v) for v in VARIANTS]
     base = recipe.recalibrate or RecalibrateConfig()
-    configs = {m: base.model_copy(update={"method": m}) for m in REPAIRS}
+    configs = {m: base.model_copy(update={"method": m}) for m in args.repairs}
     references = {m: reference_logits(model, samples, c) for m, c in configs.items() if c.needs_reference}
     models, fits = {REFERENCE: model}, {}
     with kernels.weight_cache(max_bytes=8 * 2**30):
@@ -60,23 +64,17 @@ def main() -> None:
             variant = quantize_variant(model, spec, None, samples).model
             models[spec.name] = variant
             for method, cfg in configs.items():
-                fit = fit_temperature(variant, samples, cfg, references.get(method))
-                fits[f"{spec.name}+{method}"] = fit
-                models[f"{spec.name}+{method}"] = Tempered(spec.name, fit.temperature)
-                print(spec.name, method, f"T={fit.temperature:.4f}",
-                      f"peak layer {fit.process.peak_layer}, {fit.process.disagree} disagree" if fit.process else "",
-                      flush=True)
+                fit = fit_recalibration(variant, samples, cfg, references.get(method))
+                fits[f"{spec.name}+{method}"] = fit.summary()
+                models[f"{spec.name}+{method}"] = fit.view(spec.name, variant)
+                print(spec.name, method, {k: v for k, v in fit.summary().items() if k != "process"}, flush=True)
         del references
         task = next(t for t in recipe.evaluation.tasks if t.name == "next_sentence")
         cfg = EvalConfig(text=TextEvalConfig(windows=args.windows), mmlu=None, ece_bins=recipe.evaluation.ece_bins,
                          tasks=(task.model_copy(update={"max_items": args.items}),))
         evals = evaluate(models, tokenizer, cfg, REFERENCE)
     result = {"seconds": time.perf_counter() - t0, "windows": args.windows, "items": args.items,
-              "fits": {n: {"temperature": f.temperature, "positions": f.positions,
-                           "process": None if f.process is None else {
-                               "peak_layer": f.process.peak_layer, "disagree": f.process.disagree,
-                               "rows": f.process.rows, "js_by_layer": f.process.js_by_layer}}
-                       for n, f in fits.items()},
+              "fits": fits,
               "evaluation": {n: {"intervals": {k: [e.value, e.low, e.high] for k, e in ev.intervals.items()},
                                  "vs_reference": {k: [d["difference"].value, d["difference"].low,
                                                       d["difference"].high] for k, d in ev.vs_reference.items()}}
@@ -88,9 +86,10 @@ def main() -> None:
 
 
 def table(result: dict) -> str:
-    """Per model: T, then each metric with its interval and, below fp, its paired difference to fp."""
+    """Per model: T (or the direction step), then each metric with its interval and, below fp, its paired difference
+    to fp."""
     ev, fits = result["evaluation"], result["fits"]
-    head = "| model | T | " + " | ".join(m for m, _ in ROWS) + " |"
+    head = "| model | T or step | " + " | ".join(m for m, _ in ROWS) + " |"
     lines = [head, "|---|---|" + "---|" * len(ROWS)]
     for name, e in ev.items():
         cells = []
@@ -101,7 +100,8 @@ def table(result: dict) -> str:
                 d, dlo, dhi = e["vs_reference"][metric]
                 cell += f"<br>Δfp {d:+.{digits}f} [{dlo:+.{digits}f}, {dhi:+.{digits}f}]"
             cells.append(cell)
-        t = f"{fits[name]['temperature']:.3f}" if name in fits else "-"
+        fit = fits.get(name)
+        t = "-" if fit is None else f"{fit['temperature']:.3f}" if "temperature" in fit else f"{fit['alpha']:+.4f}"
         lines.append(f"| {name} | {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
