@@ -61,8 +61,8 @@ def _recalibration(report: dict) -> list[str]:
                          f"{fit['alpha']:+.4f} typical residual norms ({fit['scale']:.2f}) as the bias of "
                          f"{fit['layer']}; objective {fit['objective_before']:.4f} -> {fit['objective_after']:.4f}; "
                          f"top-1 changed on {fit['top1_changed']:.2%} of the fit positions"
-                         + (" (the optimum changed more: step shortened to the allowed share)." if fit["shortened"]
-                            else "."))
+                         + (f" (the optimum, {fit['optimum'][0]:+.4f}, changed {fit['optimum'][1]:.2%}: step "
+                            "shortened to the allowed share)." if fit["shortened"] else "."))
     return lines
 
 

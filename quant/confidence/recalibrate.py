@@ -412,6 +412,8 @@ class DirectionFit:
     shortened: bool
     """The objective's optimum changed more top-1 tokens than allowed: the step was cut back to the longest that
     does not."""
+    optimum: tuple[float, float]
+    """(alpha, share of top-1 tokens changed) at the objective's optimum, before any shortening."""
     at_bound: bool
     vector: Tensor = field(repr=False, compare=False)
     """alpha * scale * direction, float32 (hidden,): the bias added."""
@@ -542,6 +544,7 @@ def fit_direction(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfi
     alpha = float(minimize_scalar(objective, bounds=(-DIRECTION_BOUND, DIRECTION_BOUND), method="bounded",
                                   options={"xatol": 1e-3}).x)
     after, changed = evaluate(alpha)
+    optimum = (alpha, changed)
     shortened = changed > cfg.max_top1_change
     if shortened:  # the optimum is beyond the allowed change: the longest allowed step toward it
         lo, hi = 0.0, 1.0
@@ -557,7 +560,7 @@ def fit_direction(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfi
     before = evaluate(0.0)[0]
     at_bound = abs(alpha) > 0.999 * DIRECTION_BOUND
     fit = DirectionFit(cfg.direction_target, alpha, scale, explained, len(reference.residual[0]) - 1, layer, int(rows.sum()), before, after, changed,
-                       shortened, at_bound, alpha * scale * direction)
+                       shortened, optimum, at_bound, alpha * scale * direction)
     _check_carried(model, fit, picks[0], readout)
     return fit
 

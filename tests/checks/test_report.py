@@ -209,5 +209,8 @@ def test_a_calibration_direction_is_fitted_saved_evaluated_and_reported(tmp_path
     assert f"| w4 | direction | step {fit.alpha:+.4f} x {fit.scale:.2f} |" in md
     assert f"w4 (direction, label_free): the top direction of full precision's updates in its last 2 layers" in md
     assert "top-1 changed on 0.00% of the fit positions" in md
+    from quant.checks.report import markdown
+    report["recalibration"]["w4"].update(shortened=True, optimum=[-0.1, 0.146])  # as on the default model's W4
+    assert "(the optimum, -0.1000, changed 14.60%: step shortened to the allowed share)" in markdown(report)
     # the evaluation ran the stepped model, not the raw one
     assert result.evals["w4+T"].text["nll"] != result.evals["w4"].text["nll"]

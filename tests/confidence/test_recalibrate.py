@@ -292,6 +292,7 @@ def test_direction_keeps_every_top1_token_of_the_fit_positions(moderate):
     free = fit_direction(moved, samples, DIRECTION, states)
     fit = fit_direction(moved, samples, cfg, states)
     assert free.top1_changed > 0 and fit.shortened and fit.top1_changed == 0
+    assert fit.optimum == (free.alpha, free.top1_changed)  # what the step would have been, in the report
     assert 0 < abs(fit.alpha) < abs(free.alpha) and fit.objective_after < fit.objective_before
     repaired = fit.fold(moved)
     for ids, pos in fit_positions(samples, cfg):
