@@ -5,8 +5,8 @@ Every repair is fitted on the recipe's calibration samples (never the evaluation
 as a view of its variant's forward pass; a direction step as the stepped model's own forward pass. The gap to full
 precision is the paired bootstrap interval of (variant - fp) on the same windows / items.
 
-    python benchmarks/repair_confidence.py --out runs/repair_confidence     # the README table
-    python benchmarks/repair_confidence.py --out runs/repair_direction --no-recipe-variants \
+    python benchmarks/repair_confidence.py --out benchmarks/results/repair_confidence   # the README table
+    python benchmarks/repair_confidence.py --out benchmarks/results/repair_direction --no-recipe-variants \
         --repairs labelled label_free direction direction_any_top1          # the direction rows
 
 Variants: the default recipe's two, plus aggressive min-max W4 (symmetric g128, and per channel), where a
