@@ -84,6 +84,8 @@ class CheckpointInfo:
     quantized: list[str]
     temperature: float | None
     """Temperature already folded into the final norm by re-calibration (None if not re-calibrated)."""
+    direction: dict | None = None
+    """The calibration-direction step already in the last down projection's bias (its fit's summary), if any."""
 
 
 def checkpoint_info(directory: Path) -> CheckpointInfo:
@@ -98,7 +100,9 @@ def checkpoint_info(directory: Path) -> CheckpointInfo:
     except ValueError as err:
         raise CalqError(f"{directory}: its scheme was written by another calq version ({str(err).splitlines()[0]}); "
                         "re-create the checkpoint with this one") from None
-    return CheckpointInfo(spec, json.loads(meta["quantized_layers"]), float(temperature) if temperature else None)
+    direction = meta.get("calq_direction")
+    return CheckpointInfo(spec, json.loads(meta["quantized_layers"]), float(temperature) if temperature else None,
+                          json.loads(direction) if direction else None)
 
 
 def save_quantized(result: QuantizeResult, tokenizer: PreTrainedTokenizerBase, directory: Path,

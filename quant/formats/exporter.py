@@ -3,8 +3,8 @@
 
 Every export starts from the hash-checked calq checkpoint (formats.source), is written to a temporary directory
 renamed into place at the end (an interrupted export leaves nothing that looks complete), ends with a manifest of
-hashes, and carries the fitted temperature and the run's gate verdict for that variant (config.json `calq`, GGUF
-`calq.*`).
+hashes, and carries the fitted temperature or direction step and the run's gate verdict for that variant
+(config.json `calq`, GGUF `calq.*`).
 """
 
 from __future__ import annotations

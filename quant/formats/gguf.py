@@ -222,6 +222,8 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
     writer.add_string("calq.spec", json.dumps(src.calq["spec"]))
     if src.calq["temperature"] is not None:
         writer.add_float32("calq.temperature", src.calq["temperature"])
+    if src.calq["direction"] is not None:  # the step itself is blk.N.ffn_down.bias; this says what it is
+        writer.add_string("calq.direction", json.dumps(src.calq["direction"]))
     if src.calq["gate"] is not None:
         writer.add_string("calq.gate", json.dumps(src.calq["gate"]))
     _gguf_vocab(writer, src.tokenizer, src.directory, cfg.vocab_size)

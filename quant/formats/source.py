@@ -1,5 +1,5 @@
 """What every export starts from: the hash-checked calq checkpoint, loaded, and what travels with it (scheme,
-fitted temperature, the run's gate verdict for that variant)."""
+fitted temperature or direction step, the run's gate verdict for that variant)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class ExportSource:
     directory: Path
     info: CheckpointInfo
     calq: dict
-    """What travels with the export: scheme, temperature, gate verdict."""
+    """What travels with the export: scheme, temperature or direction step, gate verdict."""
 
     @classmethod
     def open(cls, path: Path, variant: str | None) -> ExportSource:
@@ -38,7 +38,7 @@ class ExportSource:
         model, tokenizer = load(directory, device="cpu")
         info = checkpoint_info(directory)
         calq = {"variant": info.spec.name, "spec": info.spec.model_dump(mode="json"),
-                "temperature": info.temperature, "gate": _gate_verdict(directory)}
+                "temperature": info.temperature, "direction": info.direction, "gate": _gate_verdict(directory)}
         return cls(model, tokenizer, directory, info, calq)
 
     @property

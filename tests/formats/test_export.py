@@ -459,14 +459,16 @@ def test_a_calibration_direction_travels_in_the_checkpoint_and_its_exports(tmp_p
     stepped = result.model(ids).logits
     assert (stepped - plain).abs().max() > 1e-2  # the step moves the logits
     root = tmp_path / "run"
-    save_quantized(result, tokenizer, root / "models" / "w4", metadata={"calq_direction": "{}"})
+    save_quantized(result, tokenizer, root / "models" / "w4", metadata={"calq_direction": '{"alpha": -0.1}'})
     ours, _ = quant.load(root / "models" / "w4", device="cpu")
     assert ours.config.mlp_bias and torch.equal(ours.get_submodule(layer).bias, step)
     torch.testing.assert_close(ours(ids).logits, stepped, rtol=0, atol=0)
     out = export(root, ExportConfig(format="compressed-tensors", variant="w4", dtype="float32"), tmp_path / "ct").out
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     torch.testing.assert_close(theirs(ids).logits, stepped, rtol=0, atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["calq"]["direction"] == {"alpha": -0.1}  # what the bias is
     reader = gguf.GGUFReader(export(root, ExportConfig(format="gguf", variant="w4"), tmp_path / "gguf").out / "model.gguf")
     tensors = {t.name: t for t in reader.tensors}
     torch.testing.assert_close(torch.from_numpy(np.array(tensors["blk.1.ffn_down.bias"].data)), step)
     assert not np.array(tensors["blk.0.ffn_down.bias"].data).any()  # llama.cpp's optional MLP biases, zero elsewhere
+    assert json.loads(reader.get_field("calq.direction").contents()) == {"alpha": -0.1}
