@@ -8,6 +8,8 @@ precision is the paired bootstrap interval of (variant - fp) on the same windows
     python benchmarks/repair_confidence.py --out benchmarks/results/repair_confidence   # the README table
     python benchmarks/repair_confidence.py --out benchmarks/results/repair_direction --no-recipe-variants \
         --repairs labelled label_free direction direction_any_top1          # the direction rows
+    python benchmarks/repair_confidence.py --out benchmarks/results/repair_direction_recipe --no-minmax-variants \
+        --repairs labelled label_free direction direction_any_top1          # ... on the recipe's variants
 
 Variants: the default recipe's two, plus aggressive min-max W4 (symmetric g128, and per channel), where a
 temperature has more to repair. Writes results.json and table.md.
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="held-out Wikipedia windows of 512 tokens")
     parser.add_argument("--items", type=int, default=48, help="next_sentence items reported")
     parser.add_argument("--no-recipe-variants", action="store_true", help="only the aggressive min-max variants")
+    parser.add_argument("--no-minmax-variants", action="store_true", help="only the recipe's variants")
     parser.add_argument("--repairs", nargs="+", choices=list(REPAIRS), default=list(REPAIRS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ def main() -> None:
     model, tokenizer = load_model(recipe.model)
     samples = select_samples(tokenizer, recipe.calibration).token_ids
     specs = [] if args.no_recipe_variants else list(recipe.quantize)
-    specs += [QuantSpec.model_validate(v) for v in VARIANTS]
+    specs += [] if args.no_minmax_variants else [QuantSpec.model_validate(v) for v in VARIANTS]
     base = recipe.recalibrate or RecalibrateConfig()
     configs = {m: base.model_copy(update=REPAIRS[m]) for m in args.repairs}
     references = {m: reference_logits(model, samples, c) for m, c in configs.items() if c.needs_reference}
