@@ -212,8 +212,10 @@ def run(recipe: Recipe, run_dir: Path | None = None) -> RunResult:
                                                        recipe.probe)
         for name, variant in variants.items():  # the shipped model (re-calibrated, if it is) and its probe
             if name in fits:
-                save_quantized(replace(variant, model=fits[name].fold(variant.model)), tokenizer,
-                               run_dir / "models" / name, fits[name].metadata(), probes.get(name + SUFFIX))
+                view = shipped[name + SUFFIX]  # a folded copy already, unless it is a view of the variant's logits
+                repaired = view if isinstance(view, nn.Module) else fits[name].fold(variant.model)
+                save_quantized(replace(variant, model=repaired), tokenizer, run_dir / "models" / name,
+                               fits[name].metadata(), probes.get(name + SUFFIX))
             else:
                 save_quantized(variant, tokenizer, run_dir / "models" / name, probe=probes.get(name))
         evals = timed("evaluate", evaluate, models, tokenizer, recipe.evaluation, REFERENCE)

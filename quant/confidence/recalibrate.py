@@ -559,16 +559,18 @@ def fit_direction(model: nn.Module, samples: list[Tensor], cfg: RecalibrateConfi
     steps.close()
     before = evaluate(0.0)[0]
     at_bound = abs(alpha) > 0.999 * DIRECTION_BOUND
-    fit = DirectionFit(cfg.direction_target, alpha, scale, explained, len(reference.residual[0]) - 1, layer, int(rows.sum()), before, after, changed,
-                       shortened, optimum, at_bound, alpha * scale * direction)
-    _check_carried(model, fit, picks[0], readout)
+    fit = DirectionFit(cfg.direction_target, alpha, scale, explained, len(reference.residual[0]) - 1, layer,
+                       int(rows.sum()), before, after, changed, shortened, optimum, at_bound,
+                       alpha * scale * direction)
+    _check_carried(model, fit, picks[0], h[:len(picks[0][1])], readout)
     return fit
 
 
-def _check_carried(model: nn.Module, fit: DirectionFit, pick: tuple[Tensor, Tensor], readout: Readout) -> None:
+def _check_carried(model: nn.Module, fit: DirectionFit, pick: tuple[Tensor, Tensor], entering: Tensor,
+                   readout: Readout) -> None:
     """The folded bias computes what the fit assumed (the step reaches the final norm unchanged), checked on one
-    sample: an architecture that transforms the down projection's output first is refused."""
-    entering = _states_at(model, [pick], "check direction", False, residual=1).residual[0][-1]
+    sample: an architecture that transforms the down projection's output first is refused. `entering`: the
+    unrepaired model's residual stream entering the final norm at the pick's positions."""
     device = next(readout.head.parameters()).device
     expected = readout(entering.float().to(device) + fit.vector.to(device), last=False).cpu()
     ids, pos = pick

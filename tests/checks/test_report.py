@@ -14,13 +14,15 @@ from quant.recipe import load_recipe
 from tests.checks.test_tasks import MC_ROWS
 from tests.conftest import _corpus, save_tiny_llama
 
-RECIPE = """
-name: tiny
+# What the two tiny recipes share: the tiny model, its calibration and one W4 variant.
+MODEL_AND_VARIANT = """
 model: {{source: {model}}}
 calibration: {{sources: [{text}], num_samples: 8, seq_len: 64, min_len: 32}}
 quantize:
   - {{name: w4, scheme: W4A16_ASYM, weights: {{group_size: 32}}}}
-evaluation:
+"""
+
+RECIPE = "name: tiny" + MODEL_AND_VARIANT + """evaluation:
   text: {{sources: [{text}], windows: 4, seq_len: 64}}
   mmlu: {{per_subject: 1, batch_size: 16}}
   bootstrap: {{resamples: 200}}
@@ -165,13 +167,7 @@ def test_the_probe_is_fitted_saved_reported_and_used_by_calq_ask(tiny_run, capsy
     assert "(probe; the model's own: " in capsys.readouterr().out
 
 
-DIRECTION_RECIPE = """
-name: tiny-direction
-model: {{source: {model}}}
-calibration: {{sources: [{text}], num_samples: 8, seq_len: 64, min_len: 32}}
-quantize:
-  - {{name: w4, scheme: W4A16_ASYM, weights: {{group_size: 32}}}}
-evaluation:
+DIRECTION_RECIPE = "name: tiny-direction" + MODEL_AND_VARIANT + """evaluation:
   text: {{sources: [{text}], windows: 4, seq_len: 64}}
   mmlu: null
   tasks: []
