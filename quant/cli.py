@@ -180,8 +180,8 @@ def _export(args: argparse.Namespace) -> int:
 
     result = export(args.path, ExportConfig(format=args.format, variant=args.variant, dtype=args.dtype), args.out)
     print(f"{result.format}: {result.out} ({result.weight_bytes / 2**20:.1f} MB of weights)")
-    if result.left_out:
-        print(result.left_out)
+    for note in result.notes:
+        print(note)
     return 0
 
 

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import inspect
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from quant.calibrate.stats import ActivationStats, LayerStats, recording
 from quant.errors import CalqError
-from quant.models import (Layer, ModelConfig, checkpoint_tensors, decoder_layers, layers_path, linearize,
+from quant.models import (HubNames, Layer, ModelConfig, checkpoint_tensors, decoder_layers, layers_path, linearize,
                           resolve_model_path, route_all_experts)
 from pydantic import Field
 
@@ -218,10 +217,11 @@ class Resident:
 
 
 class _Checkpoint:
-    """A safetensors checkpoint directory (one file or sharded with an index), read tensor by tensor, its keys renamed
-    as transformers renames them at load (`renames`: its WeightRenaming patterns, e.g. GPT-NeoX's embed_out)."""
+    """A safetensors checkpoint directory (one file or sharded with an index), read tensor by tensor, its keys named
+    as the linearized model names them (`names`: transformers' renamings and per-expert names, e.g. GPT-NeoX's
+    embed_out, Mixtral's w1)."""
 
-    def __init__(self, path: Path, renames: list[tuple[str, str]] = ()) -> None:
+    def __init__(self, path: Path, names: HubNames | None = None) -> None:
         index = path / "model.safetensors.index.json"
         if index.exists():
             stored = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -234,10 +234,7 @@ class _Checkpoint:
         self.files: dict[str, tuple[Path, str]] = {}
         """Model-side key -> (file, key in the file)."""
         for key, file in stored.items():
-            name = key
-            for source, target in renames:
-                name = re.sub(source, target, name)
-            self.files[name] = (file, key)
+            self.files[names.to_model(key) if names else key] = (file, key)
 
     def load(self, model: nn.Module, names: list[str], device: str, converted: dict[str, str] | None = None) -> None:
         """Replace the (meta) tensors of `model` by the checkpoint's `names`, in the model's dtypes; `converted`:
@@ -260,18 +257,6 @@ class _Checkpoint:
                               strict=False, assign=True)
 
 
-def _renames(model: nn.Module) -> list[tuple[str, str]]:
-    """transformers' key renamings for this model (by model type and class), as (pattern, replacement) pairs."""
-    from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
-
-    found = []
-    for key in (model.config.model_type, type(model).__name__):
-        for rule in get_checkpoint_conversion_mapping(key) or []:
-            if isinstance(rule, WeightRenaming):
-                found += list(zip(rule.source_patterns, rule.target_patterns))
-    return found
-
-
 class Streamed(Resident):
     """A checkpoint on disk: a model skeleton on the meta device whose parts are loaded from disk only while
     they are needed and dropped back to meta after."""
@@ -283,7 +268,7 @@ class Streamed(Resident):
                             "download the model (huggingface-cli download) and point model.source at it")
         with torch.device("cpu"), init_empty_weights():  # parameters on meta, buffers (rotary frequencies) on CPU
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=source.torch_dtype)
-        self.ckpt = _Checkpoint(path, _renames(model))
+        self.ckpt = _Checkpoint(path, HubNames(model))
         super().__init__(model.eval().requires_grad_(False))
         self.device, self.home = torch.device(device) if device else source.torch_device, torch.device("cpu")
 

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import calq_kernels as kernels
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from quant.formats.checkpoint import WEIGHTS
 from quant.formats.source import ExportSource, Shapes, ragged_groups
 from quant.methods import QuantSpec
 
@@ -39,7 +37,7 @@ def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
         "or gguf" for n in narrow[:1]]
 
 
-def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
+def write(src: ExportSource, dtype: torch.dtype, out: Path) -> list[str]:
     """qweight (K, N/8), qzeros (K/g, N/8) int32 and scales (K/g, N) per layer: what AutoAWQ's WQLinear_GEMM loads."""
     group = src.info.spec.weights.group_size
     state = src.fp_state(dtype)
@@ -50,11 +48,12 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
         state[f"{name}.scales"] = q.scales.t().to(dtype).contiguous()
         if q.bias is not None:
             state[f"{name}.bias"] = q.bias.to(dtype).contiguous()
-    save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+    src.save(state, out)
     config = copy.deepcopy(src.model.config)
     config.dtype = dtype
     config.calq = src.calq
     config.quantization_config = {
         "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
-        "modules_to_not_convert": src.kept or None}
+        "modules_to_not_convert": [src.names.to_hub(n) for n in src.kept] or None}
     config.save_pretrained(out)
+    return []

@@ -1,25 +1,49 @@
 """compressed-tensors export (vLLM, transformers): calq's own codes and scales handed to the compressed-tensors library,
-W4A16 as pack-quantized, W8A8/W8A16 as int-quantized."""
+in the format it picks for each scheme (as llm-compressor does: weight-only int as pack-quantized, W8A8 as
+int-quantized, FP8 as float-quantized), under the hub's names, per-expert MoE weights as vLLM's fused-MoE loaders
+and transformers' expert converters read them."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import calq_kernels as kernels
 import torch
-from safetensors.torch import save_model
 from torch import nn
 
-from quant.formats.checkpoint import WEIGHTS
 from quant.formats.source import ExportSource, Shapes, ragged_groups
 from quant.methods import QuantSpec
 from quant.methods.schemes import dequantize_codes
+from quant.models import converted_kinds
 
 
 def problems(spec: QuantSpec, shapes: Shapes, config) -> list[str]:
-    """What keeps this variant of this model from the format (empty: it exports)."""
-    return ragged_groups("compressed-tensors", spec.weights.group_size, shapes)
+    """What keeps this variant of this model from the format (empty: it exports). MoE experts: vLLM's fused-MoE
+    methods read symmetric int weights only (no zero points) and int8 activations only dynamic per token."""
+    found = ragged_groups("compressed-tensors", spec.weights.group_size, shapes)
+    if "experts" in converted_kinds(config):
+        w, a = spec.weights, spec.input_activations
+        if w.type == "int" and not w.symmetric:
+            found.append(f"compressed-tensors MoE experts ({config.model_type}) need symmetric int weights: vLLM's "
+                         "and transformers' MoE loaders read no zero points; quantize with weights.symmetric: true, "
+                         "or export --format awq")
+        if a is not None and a.type == "int" and not a.dynamic:
+            found.append(f"compressed-tensors MoE experts ({config.model_type}) with int8 activations need them "
+                         "dynamic per token (vLLM's int8 MoE has no static scales); quantize with "
+                         "input_activations.dynamic: true")
+    return found
+
+
+def notes(spec: QuantSpec, config) -> list[str]:
+    """What a user should know about an export that is written: where it loads and where it does not."""
+    a = spec.input_activations
+    if "experts" in converted_kinds(config) and a is not None and a.type == "int":
+        return [f"int8 W8A8 MoE experts ({config.model_type}) are written as vLLM's int8 fused-MoE reads them; "
+                "transformers 5.17 cannot load them (its MoE loader dequantizes only pack-quantized and FP8 "
+                "experts): in transformers use calq's own checkpoint (quant.load)"]
+    return []
 
 
 def _ct_scheme(src: ExportSource):
@@ -40,10 +64,20 @@ def _ct_scheme(src: ExportSource):
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
 
 
-def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
-    """Our codes and scales, handed to compressed-tensors: W4A16 as pack-quantized, W8A8/W8A16 as int-quantized,
-    FP8 as float-quantized (vLLM's FP8_DYNAMIC)."""
+def _ignore_by_hub_names(path: Path, src: ExportSource) -> None:
+    """The ignore list compressed-tensors wrote, named as the checkpoint's tensors are (vLLM matches it against its
+    own module names: Mixtral's block_sparse_moe.gate)."""
+    config = json.loads(path.read_text())
+    qc = config["quantization_config"]
+    qc["ignore"] = [src.names.to_hub(n) for n in qc.get("ignore") or []]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write(src: ExportSource, dtype: torch.dtype, out: Path) -> list[str]:
+    """Our codes and scales, handed to compressed-tensors, which packs them in the format it infers for the scheme
+    (FP8: float-quantized, vLLM's FP8_DYNAMIC)."""
     from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
     scheme = _ct_scheme(src)
@@ -72,13 +106,14 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
             target.weight_zero_point.data.copy_((q.zeros.to(torch.int16) - 8).to(torch.int8))  # ct codes are signed
         if q.act_mode == "static":
             target.input_scale.data.copy_(q.act_scale.reshape(target.input_scale.shape))
-    w = src.info.spec.weights
-    fmt = "pack-quantized" if w.num_bits == 4 else "float-quantized" if w.type == "float" else "int-quantized"
+    fmt = infer_module_format(nn.Linear, scheme).value
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.to(dtype)
     model.config.dtype = dtype
-    save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
+    src.save(model.state_dict(), out)
     model.config.calq = src.calq
     model.config.save_pretrained(out)
     compressor.update_config(str(out))
+    _ignore_by_hub_names(out / "config.json", src)
+    return notes(src.info.spec, model.config)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 Format = Literal["compressed-tensors", "awq", "gguf"]
 FORMATS = {"compressed-tensors": compressed_tensors, "awq": autoawq, "gguf": gguf}
 """Each format's module: `problems(spec, shapes, config)` (what keeps a variant of a model from it, checked at recipe
-load from the config alone and again before writing) and `write(source, dtype, out)`."""
+load from the config alone and again before writing) and `write(source, dtype, out)`, which returns what the user
+should know about the written export (where it does not load), one line each."""
 
 
 def export_problems(fmt: Format, spec: QuantSpec, shapes: Shapes, config) -> list[str]:
@@ -40,10 +41,6 @@ def export_problems(fmt: Format, spec: QuantSpec, shapes: Shapes, config) -> lis
         found.append(f"{fmt} export of {config.model_type}: calq quantizes its Conv1D projections as nn.Linear "
                      "([out, in]) but runtimes build them as Conv1D ([in, out]), so the export would compute wrong "
                      "logits; use calq's own checkpoint (quant.load)")
-    if "experts" in kinds:  # measured: transformers 5.17 fails to fuse per-expert quantized tensors at load
-        found.append(f"{fmt} export of MoE experts ({config.model_type}): transformers cannot load per-expert "
-                     "quantized experts into its fused 3-D experts, and calq has not verified vLLM's loader; use "
-                     "calq's own checkpoint (quant.load)")
     return found + FORMATS[fmt].problems(spec, shapes, config)
 
 
@@ -61,8 +58,9 @@ class ExportResult:
     format: Format
     weight_bytes: int
     """Bytes of the weight files (safetensors or GGUF) as written."""
-    left_out: str | None = None
-    """What of the checkpoint the format cannot carry (its confidence probe), in one line; None if nothing."""
+    notes: tuple[str, ...] = ()
+    """What the user should know, one line each: what of the checkpoint the format cannot carry (its confidence
+    probe), runtimes that cannot load it."""
 
 
 def export(source: str | Path, config: ExportConfig, out: str | Path) -> ExportResult:
@@ -74,14 +72,14 @@ def export(source: str | Path, config: ExportConfig, out: str | Path) -> ExportR
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        FORMATS[config.format].write(src, getattr(torch, config.dtype), tmp)
+        notes = FORMATS[config.format].write(src, getattr(torch, config.dtype), tmp)
         if config.format != "gguf":
             src.tokenizer.save_pretrained(tmp)
         write_manifest(tmp, config.format, calq=src.calq)
     weights = [p for p in out.iterdir() if p.suffix in (".safetensors", ".gguf")]
-    probe = (src.directory / PROBE_FILE).is_file()
-    result = ExportResult(out, config.format, sum(p.stat().st_size for p in weights),
-                          f"the confidence probe ({PROBE_FILE}) is not carried: {config.format} has no place for it; "
-                          "it stays with the calq checkpoint" if probe else None)
+    if (src.directory / PROBE_FILE).is_file():
+        notes.append(f"the confidence probe ({PROBE_FILE}) is not carried: {config.format} has no place for it; "
+                     "it stays with the calq checkpoint")
+    result = ExportResult(out, config.format, sum(p.stat().st_size for p in weights), tuple(notes))
     log.info("exported %s as %s to %s (%.1f MB)", src.info.spec.name, config.format, out, result.weight_bytes / 2**20)
     return result

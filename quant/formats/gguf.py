@@ -184,7 +184,7 @@ def _gguf_vocab(writer, tokenizer, directory: Path, vocab_size: int) -> None:
     gguf.SpecialVocab(directory, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
-def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
+def write(src: ExportSource, dtype: torch.dtype, out: Path) -> list[str]:
     """A GGUF of the model's llama.cpp architecture (ARCHITECTURES): quantized layers as our own codes in llama.cpp blocks (see _gguf_blocks); norms
     F32, other full-precision tensors in `dtype`."""
     import gguf
@@ -253,3 +253,4 @@ def write(src: ExportSource, dtype: torch.dtype, out: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
+    return []

@@ -4,14 +4,17 @@ fitted temperature or direction step, the run's gate verdict for that variant)."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from quant.checks import GateReport
-from quant.formats.checkpoint import CheckpointInfo, checkpoint_dir, checkpoint_info, load
-from quant.methods import QuantLinear
+from quant.formats.checkpoint import WEIGHTS, CheckpointInfo, checkpoint_dir, checkpoint_info, load
+from quant.methods import QuantLinear, coverage
+from quant.models import HubNames
 
 
 def _gate_verdict(directory: Path) -> dict | None:
@@ -47,16 +50,30 @@ class ExportSource:
 
     @property
     def kept(self) -> list[str]:
-        """Linears in full precision, by name."""
-        return sorted(n for n, m in self.model.named_modules() if isinstance(m, nn.Linear))
+        """Every module whose matmul weight stays in full precision (linears, MoE routers), by name."""
+        return sorted(coverage(self.model, {}).kept)
+
+    @cached_property
+    def names(self) -> HubNames:
+        """The hub's names of this model's tensors and modules, which exports write (`to_hub`)."""
+        return HubNames(self.model)
+
+    def untied(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`state` with tied copies once: lm_head.weight is the embeddings' when the config ties them."""
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        return {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
     def fp_state(self, dtype: torch.dtype) -> dict[str, Tensor]:
         """Every tensor outside the quantized linears (tied copies once), in `dtype`."""
         skip = tuple(f"{n}." for n in self.quantized)
-        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(skip)}
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
+        state = self.untied({k: v for k, v in self.model.state_dict().items() if not k.startswith(skip)})
         return {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+
+    def save(self, state: dict[str, Tensor], out: Path) -> None:
+        """`state` (tied copies once) in one safetensors file under the hub's names (Mixtral's
+        block_sparse_moe.experts.<e>.w1, ...), as vLLM and transformers load a checkpoint of this model."""
+        save_file({self.names.to_hub(k): v.contiguous() for k, v in self.untied(state).items()}, str(out / WEIGHTS),
+                  metadata={"format": "pt"})
 
     @property
     def shapes(self) -> Shapes:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from quant.calibrate.stats import LayerStats
 from quant.errors import CalqError
 from quant.methods.schemes import ActScheme, Codes, WeightScheme, quantize_weight
+from quant.models import Experts
 
 IGNORED = "ignored by recipe"
 """The reason a linear matched by `ignore` stays in full precision (shown in the report)."""
@@ -154,6 +155,17 @@ class Quantized:
         self.kept.update(other.kept)
 
 
+def routers(module: nn.Module) -> set[str]:
+    """The linears inside `module` that score experts or gate a shared expert (qwen2_moe's shared_expert_gate), by
+    relative name: direct nn.Linear children of a block that holds `Experts`. Kept in full precision (ROUTER), as
+    vLLM builds them (plain unquantized linears) and llm-compressor's MoE recipes ignore them."""
+    found = set()
+    for name, block in module.named_modules():
+        if any(isinstance(child, Experts) for child in block.children()):
+            found |= {f"{name}.{n}" if name else n for n, c in block.named_children() if isinstance(c, nn.Linear)}
+    return found
+
+
 @torch.no_grad()
 def quantize_linears(module: nn.Module, weights: WeightScheme, activations: ActScheme | None,
                      ignore: tuple[str, ...], stats: Mapping[str, LayerStats] | None = None,
@@ -167,8 +179,12 @@ def quantize_linears(module: nn.Module, weights: WeightScheme, activations: ActS
     done = Quantized()
     linears = [(f"{prefix}.{n}" if prefix and n else prefix or n, n, m) for n, m in module.named_modules()
                if isinstance(m, nn.Linear)]
+    scorers = routers(module)
     for name, rel, linear in linears:
         if skip is not None and name.startswith(skip):
+            continue
+        if rel in scorers:
+            done.kept[name] = ROUTER
             continue
         if is_ignored(name, ignore):
             done.kept[name] = IGNORED

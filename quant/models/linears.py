@@ -131,24 +131,57 @@ def linearize(module: nn.Module, prefix: str = "") -> dict[str, str]:
     return dict(converted)
 
 
-HUB_NAMES = ((re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
-             (re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
-             (re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
-             (re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate."))
-"""Mixtral's hub names (which transformers 5 still writes with save_pretrained) -> the linearized module names. The
-other MoE models transformers ships save experts.<e>.gate_proj/up_proj/down_proj, linearize's names already."""
+class HubNames:
+    """How Hugging Face checkpoints of a model name what its linearized form holds, read off transformers' own
+    conversion mapping for the model (by type and class): the key renamings transformers applies at load (GPT-NeoX's
+    embed_out -> lm_head, Mixtral's .block_sparse_moe. -> .mlp.), then the per-expert projection names its expert
+    converters merge (Mixtral's experts.<e>.w1 -> experts.<e>.gate_proj). Streaming reads a checkpoint through
+    `to_model`; exports write through `to_hub`, so a checkpoint is named as the hub's, which vLLM and transformers
+    load."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_checkpoint_conversion_mapping
+
+        rules = [rule for key in (model.config.model_type, type(model).__name__)
+                 for rule in get_checkpoint_conversion_mapping(key) or []]
+        self.renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
+        self.experts: dict[str, str] = {}
+        """Hub projection name -> ours, where they differ (Mixtral: w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj)."""
+        for rule in rules:
+            target = rule.target_patterns[0] if isinstance(rule, WeightConverter) else ""
+            if target.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                ours = ("down_proj",) if target.endswith("down_proj") else ("gate_proj", "up_proj")
+                for pattern, name in zip(rule.source_patterns, ours):  # ".experts.*.w1.weight"
+                    hub = pattern.rpartition("*.")[2].removesuffix(".weight")
+                    if hub != name:
+                        self.experts[hub] = name
+
+    def _experts(self, key: str, names: dict[str, str]) -> str:
+        for old, new in names.items():
+            key = re.sub(rf"\.experts\.(\d+)\.{old}\.", rf".experts.\1.{new}.", key)
+        return key
+
+    def to_model(self, key: str) -> str:
+        """A checkpoint's tensor key, or module name, as the linearized model names it."""
+        from transformers.core_model_loading import rename_source_key
+
+        return self._experts(rename_source_key(key + ".", self.renamings, [])[0], self.experts)[:-1]
+
+    def to_hub(self, key: str) -> str:
+        """A tensor key, or module name, of the linearized model as the hub's checkpoints name it."""
+        from transformers.core_model_loading import rename_source_key
+
+        key = self._experts(key + ".", {v: k for k, v in self.experts.items()})
+        reverse = [rule.reverse_transform() for rule in self.renamings[::-1]]
+        return rename_source_key(key, reverse, [], reverse=True)[0][:-1]
 
 
 def checkpoint_tensors(converted: dict[str, str], module: nn.Module, prefix: str, tensors: dict[str, Tensor]
                        ) -> dict[str, Tensor]:
-    """A Hugging Face checkpoint's tensors of `module` (named `prefix`, already linearized: `converted`) under
-    linearize's names and layouts, so a skeleton built from the config loads the original checkpoint: per-expert
-    hub names (HUB_NAMES), fused 3-D experts, transposed Conv1D weights."""
-    out = {}
-    for key, t in tensors.items():
-        for pattern, name in HUB_NAMES:
-            key = pattern.sub(name, key)
-        out[key] = t
+    """A Hugging Face checkpoint's tensors of `module` (named `prefix`, already linearized: `converted`; keys named as
+    the model names them, `HubNames.to_model`) in linearize's layouts, so a skeleton built from the config loads the
+    original checkpoint: fused 3-D experts split per expert, Conv1D weights transposed."""
+    out = dict(tensors)
     for name in converted:
         rel = name.removeprefix(prefix).lstrip(".")
         new = module.get_submodule(rel)

@@ -367,22 +367,89 @@ def test_fp8_round_trips_and_exports_float_quantized_for_vllm(tmp_path, tokenize
             export(tmp_path / "models" / "fp8", ExportConfig(format=fmt), tmp_path / fmt)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "qwen3_moe"])
-def test_exports_of_converted_layouts_are_refused_in_one_line(model_type, tokenizer, tmp_path):
-    """GPT-2's Conv1D (a compressed-tensors export loaded in transformers without complaint, logits 0.42 off) and
-    per-expert MoE weights (transformers fails to fuse them): refused, each in one line with the alternative."""
+def _zoo_checkpoints(model_type, tokenizer, root, specs):
+    """A tiny random model of `model_type` (tests/test_zoo.py) quantized to each of `specs` and saved under root."""
     from quant.calibrate.walker import Resident
     from quant.methods import quantize_variants
-    from tests.test_zoo import G32, calibration_ids, tiny
+    from tests.test_zoo import calibration_ids, tiny
 
-    model = tiny(model_type, len(tokenizer))
-    _, res = quantize_variants(Resident(model), calibration_ids(len(tokenizer)), [QuantSpec(name="w4", weights=G32)])
-    save_quantized(res["w4"], tokenizer, tmp_path / "w4")
+    _, res = quantize_variants(Resident(tiny(model_type, len(tokenizer))), calibration_ids(len(tokenizer)), specs)
+    for name, result in res.items():
+        save_quantized(result, tokenizer, root / name)
+    return res
+
+
+def test_exports_of_conv1d_models_are_refused_in_one_line(tokenizer, tmp_path):
+    """GPT-2's Conv1D: a compressed-tensors export loaded in transformers without complaint, logits 0.42 off."""
+    from tests.test_zoo import G32
+
+    _zoo_checkpoints("gpt2", tokenizer, tmp_path, [QuantSpec(name="w4", weights=G32)])
     for fmt in ("compressed-tensors", "awq"):
         with pytest.raises(CalqError, match="use calq's own checkpoint") as err:
             export(tmp_path / "w4", ExportConfig(format=fmt), tmp_path / fmt)
         assert "\n" not in str(err.value)
         assert not (tmp_path / fmt).exists()
+
+
+MOE_SPECS = [QuantSpec(name="w4", weights=WeightScheme(num_bits=4, group_size=16, symmetric=True)),
+             QuantSpec(name="w8a16", weights=WeightScheme(num_bits=8)),
+             QuantSpec(name="fp8", scheme="FP8_DYNAMIC"),
+             SPECS["w8a8"],
+             QuantSpec(name="w4-asym", weights=WeightScheme(num_bits=4, group_size=16, symmetric=False))]
+"""Group 16: qwen2_moe's shared expert (48 inputs) and deepseek_v3's kv_b_proj (16) take whole groups."""
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_moe_exports_name_experts_as_the_hub_and_load_in_transformers(model_type, tokenizer, tmp_path):
+    """Per-expert weights under the hub's names (Mixtral's block_sparse_moe.experts.<e>.w1/w3/w2, the others'
+    mlp.experts.<e>.gate_proj/up_proj/down_proj), as vLLM's fused-MoE loaders and transformers' expert converters
+    read them: W4A16 (symmetric) and W8A16 pack-quantized, FP8 float-quantized load in transformers to our logits;
+    int8 W8A8 is written in vLLM's int8 MoE layout with a note that transformers cannot load it; asymmetric int4
+    experts are refused in one line (no MoE loader reads zero points); AWQ keeps the hub's names too."""
+    res = _zoo_checkpoints(model_type, tokenizer, tmp_path, MOE_SPECS)
+    experts = [n for n in res["w4"].quantized if ".experts." in n]
+    assert len(experts) == 3 * 4 * (1 if model_type == "deepseek_v3" else 2)  # every expert of every MoE layer
+    gate, up, down = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    layer = 1 if model_type == "deepseek_v3" else 0  # deepseek_v3's first layer is dense
+    ids = _ids(tokenizer)
+    for name in ("w4", "w8a16", "fp8"):
+        out = export(tmp_path / name, ExportConfig(format="compressed-tensors", dtype="float32"), tmp_path / f"ct-{name}")
+        assert out.notes == ()
+        stored = load_file(out.out / "model.safetensors")
+        key = "weight" if name == "fp8" else "weight_packed"
+        assert {f"model.layers.{layer}.{block}.experts.3.{p}.{key}" for p in (gate, up, down)} <= stored.keys()
+        qc = json.loads((out.out / "config.json").read_text())["quantization_config"]
+        assert qc["format"] == ("float-quantized" if name == "fp8" else "pack-quantized")
+        assert f"model.layers.{layer}.{block}.gate" in qc["ignore"]  # the router, under vLLM's module name
+        theirs = AutoModelForCausalLM.from_pretrained(out.out, dtype=torch.float32).eval()
+        ours, _ = quant.load(tmp_path / name, device="cpu")
+        fused = theirs.model.layers[layer].mlp.experts.gate_up_proj[3]  # transformers fused the experts back
+        q = ours.get_submodule(f"model.layers.{layer}.mlp.experts.3.gate_proj")
+        if name == "fp8":  # transformers dequantizes FP8 experts to bfloat16
+            torch.testing.assert_close(fused[:q.out_features].float(), dequantized(q), rtol=2 ** -8, atol=0)
+        else:
+            torch.testing.assert_close(fused[:q.out_features], dequantized(q), rtol=0, atol=0)
+            torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=1e-5)
+    out = export(tmp_path / "w8a8", ExportConfig(format="compressed-tensors"), tmp_path / "ct-w8a8")
+    assert len(out.notes) == 1 and "transformers 5.17 cannot load them" in out.notes[0]
+    stored = load_file(out.out / "model.safetensors")
+    w, s = (stored[f"model.layers.{layer}.{block}.experts.3.{down}.{k}"] for k in ("weight", "weight_scale"))
+    q = res["w8a8"].model.get_submodule(f"model.layers.{layer}.mlp.experts.3.down_proj")
+    assert w.dtype == torch.int8 and torch.equal(w, q.qweight) and s.shape == (q.out_features, 1)
+    group = json.loads((out.out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert (group["weights"]["strategy"], group["input_activations"]["strategy"]) == ("channel", "token")
+    with pytest.raises(CalqError, match="need symmetric int weights.*--format awq") as err:
+        export(tmp_path / "w4-asym", ExportConfig(format="compressed-tensors"), tmp_path / "ct-asym")
+    assert "\n" not in str(err.value) and not (tmp_path / "ct-asym").exists()
+    out = export(tmp_path / "w4-asym", ExportConfig(format="awq", dtype="float32"), tmp_path / "awq").out
+    stored = load_file(out / "model.safetensors")
+    q = res["w4-asym"].model.get_submodule(f"model.layers.{layer}.mlp.experts.3.up_proj")
+    prefix = f"model.layers.{layer}.{block}.experts.3.{up}"
+    w = _awq_reference_dequantize(stored[f"{prefix}.qweight"], stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"], 16)
+    torch.testing.assert_close(w.t(), dequantized(q), rtol=0, atol=0)
+    assert f"model.layers.{layer}.{block}.gate" in json.loads((out / "config.json").read_text())[
+        "quantization_config"]["modules_to_not_convert"]
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma3_text"])
@@ -472,3 +539,44 @@ def test_a_calibration_direction_travels_in_the_checkpoint_and_its_exports(tmp_p
     torch.testing.assert_close(torch.from_numpy(np.array(tensors["blk.1.ffn_down.bias"].data)), step)
     assert not np.array(tensors["blk.0.ffn_down.bias"].data).any()  # llama.cpp's optional MLP biases, zero elsewhere
     assert json.loads(reader.get_field("calq.direction").contents()) == {"alpha": -0.1}
+
+
+def test_a_qwen3_moe_shaped_model_quantizes_every_expert_and_its_export_loads_in_transformers(tokenizer, tmp_path):
+    """Qwen3-30B-A3B's expert layout (128 experts, 8 routed per token, head_dim 128, GQA), widths scaled down by 8
+    and 2 layers, random weights: GPTQ W4A16 g32 (symmetric, as the hub's Qwen3 MoE GPTQ checkpoints) quantizes all
+    768 expert projections, each with its own calibration statistics, and the compressed-tensors export loads in
+    transformers to calq's logits."""
+    from transformers import AutoConfig
+
+    from quant.calibrate.walker import Resident, collect_stats
+    from quant.methods import quantize_variants
+    from quant.methods.quantizer import IGNORED, ROUTER
+    from tests.test_zoo import calibration_ids
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=len(tokenizer), hidden_size=256, moe_intermediate_size=96,
+                               intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+                               max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:  # from_config leaves fused experts at zero
+                p.normal_(0, 0.05)
+    spec = QuantSpec(name="gptq", weights=WeightScheme(num_bits=4, group_size=32, symmetric=True), method="gptq",
+                     options={"max_tokens": 64})
+    samples = calibration_ids(len(tokenizer), n=4, length=16)
+    stats = collect_stats(model, samples)
+    _, res = quantize_variants(Resident(model), samples, [spec])
+    experts = [n for n in res["gptq"].quantized if ".experts." in n]
+    assert len(experts) == 2 * 128 * 3
+    assert {stats.layers[n].tokens for n in experts} == {64}  # every expert saw every calibration token
+    kept = dict(res["gptq"].coverage.kept)  # nothing in full precision but lm_head (the recipe's) and the routers
+    assert kept.pop("lm_head") == IGNORED and kept == {f"model.layers.{i}.mlp.gate": ROUTER for i in range(2)}
+    save_quantized(res["gptq"], tokenizer, tmp_path / "gptq")
+    out = export(tmp_path / "gptq", ExportConfig(format="compressed-tensors", dtype="float32"), tmp_path / "ct").out
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours, _ = quant.load(tmp_path / "gptq", device="cpu")
+    ids = _ids(tokenizer)
+    ref = ours(ids).logits
+    torch.testing.assert_close(theirs(ids).logits, ref, rtol=0, atol=1e-5 * (1 + ref.abs().max().item()))
