@@ -9,7 +9,8 @@ moving magnitude between activations and weights, which is what SmoothQuant and 
 (or a view of it) is what linears read is a group with those readers (an MoE router reading it too has its columns
 scaled along, unquantized); a linear feeding a sibling linear through an elementwise product or attention (up_proj
 -> down_proj, v_proj -> o_proj) is a candidate; every group is kept only if folding random scales into a float32
-copy of the layer leaves its output unchanged (the exactness test), so a fold that is not exact (GQA's v_proj ->
+copy of the layer (of their parent, for siblings: one expert, not the whole MoE layer) leaves its output unchanged
+(the exactness test), so a fold that is not exact (GQA's v_proj ->
 o_proj, fused qkv -> o_proj, a norm another op also reads) is skipped with the reason. The table (ARCHITECTURES)
 keeps the six architectures it listed before tracing existed: their traced groups are the same (a test pins it) and
 the table keeps their numbers bit-identical.
@@ -112,17 +113,20 @@ def _key(t: Tensor) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def _exact(layer: nn.Module, probe: LayerInputs, ref: Tensor, prev: str, readers: tuple[str, ...]) -> bool:
-    """Whether folding random scales into prev and its readers leaves the layer's output unchanged."""
-    trial = copy.deepcopy(layer)
+def _exact(scope: nn.Module, call: tuple[tuple, dict], prev: str, readers: tuple[str, ...]) -> bool:
+    """Whether folding random scales into prev and its readers (named relative to `scope`) leaves scope's output on
+    `call` (its traced positional and keyword arguments) unchanged. The scope is the smallest module holding both:
+    one expert for up_proj -> down_proj, so checking 128 experts costs 128 expert forwards, not 128 layer forwards."""
+    args, kwargs = call
+    trial = copy.deepcopy(scope)
     p = trial.get_submodule(prev)
     width = p.out_features if isinstance(p, nn.Linear) else p.weight.numel()
     g = torch.Generator(device="cpu").manual_seed(0)
     s = torch.exp(torch.rand(width, generator=g, device="cpu") - 0.5).to(p.weight.device)
-    fold_readers = [trial.get_submodule(r) for r in readers]
-    fold_scales(p, fold_readers, s)
+    fold_scales(p, [trial.get_submodule(r) for r in readers], s)
     with route_all_experts():
-        out = hidden_out(trial(probe.hidden[0], **probe.kwargs[0]))
+        ref = hidden_out(scope(*args, **kwargs))
+        out = hidden_out(trial(*args, **kwargs))
     return bool((out - ref).abs().max() <= 1e-4 * (1 + ref.abs().max()))
 
 
@@ -134,9 +138,14 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
     probe = LayerInputs([probe.hidden[0].float()], [_as_float(probe.kwargs[0])])
     produced: dict[tuple, str] = {}
     reads: list[tuple[str, tuple]] = []
+    calls: dict[str, tuple[tuple, dict]] = {}  # each linear's parent: its first call, the scope of a sibling fold
     alive: list[Tensor] = []  # held so no storage is reused while tracing
     handles = []
     for name, m in module.named_modules():
+        if any(isinstance(c, nn.Linear) for c in m.children()):
+            def called(mod, args, kwargs, name=name):
+                calls.setdefault(name, (args, kwargs))
+            handles.append(m.register_forward_pre_hook(called, with_kwargs=True))
         if _norm_like(m) or isinstance(m, nn.Linear):
             def post(mod, _args, out, name=name):
                 if isinstance(out, Tensor):
@@ -152,7 +161,7 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
             handles.append(m.register_forward_pre_hook(pre))
     try:
         with route_all_experts():  # every expert reads the norm's output itself, not its routed rows
-            ref = hidden_out(module(probe.hidden[0], **probe.kwargs[0]))
+            module(probe.hidden[0], **probe.kwargs[0])
     finally:
         for h in handles:
             h.remove()
@@ -163,16 +172,19 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
         if prev is not None and prev != name and name not in by_prev.get(prev, []):
             by_prev.setdefault(prev, []).append(name)
     fed = {r for readers in by_prev.values() for r in readers}
+    checked: set[str] = set()  # sibling folds, found exact on their parent already
     for name, m in module.named_modules():  # a linear feeding a sibling through a product or attention
         if not isinstance(m, nn.Linear) or name in fed or name not in order:
             continue
-        parent = name.rpartition(".")[0]
-        for sib, other in module.named_modules():
-            if (isinstance(other, nn.Linear) and sib != name and sib.rpartition(".")[0] == parent
-                    and other.out_features == m.in_features and sib in order and order[sib] < order[name]
-                    and _exact(module, probe, ref, sib, (name,))):
-                by_prev[sib] = [name]
+        parent, _, child = name.rpartition(".")
+        prefix = f"{parent}." if parent else ""
+        for sib, other in module.get_submodule(parent).named_children():
+            if (isinstance(other, nn.Linear) and sib != child and other.out_features == m.in_features
+                    and prefix + sib in order and order[prefix + sib] < order[name]
+                    and _exact(module.get_submodule(parent), calls[parent], sib, (child,))):
+                by_prev[prefix + sib] = [name]
                 fed.add(name)
+                checked.add(prefix + sib)
                 break
     groups, skipped = [], {}
     for prev, readers in sorted(by_prev.items(), key=lambda kv: min(order[r] for r in kv[1])):
@@ -183,7 +195,7 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
         if not linears:
             continue
         label = f"{layer.name}.{prev} -> {', '.join(linears)}"
-        if not _exact(module, probe, ref, prev, tuple(readers)):
+        if prev not in checked and not _exact(module, (tuple(probe.hidden), probe.kwargs[0]), prev, tuple(readers)):
             skipped[label] = (f"folding scales into {prev} changes the layer's output (another op reads it, or it is "
                               "not a per-channel multiple): no exact fold")
             continue

@@ -74,3 +74,20 @@ def test_a_linear_behind_a_nonlinearity_is_no_group():
     feeders = {name for name, m in layer.module.named_modules() for grp in groups if grp.prev is m}
     assert feeders == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
     assert isinstance(probe, LayerInputs)
+
+
+def test_tracing_runs_the_whole_layer_as_often_with_16_experts_as_with_4():
+    """A fold between siblings (up_proj -> down_proj of one expert) is checked on their parent, not the layer: the
+    whole layer runs a fixed number of times, so tracing a 128-expert layer costs 128 expert forwards, not 128 layer
+    forwards (measured on a Qwen3-MoE-shaped layer: 33.8 s before, 0.82 s after)."""
+    runs = {}
+    for experts in (4, 16):
+        model = _tiny("qwen3_moe", num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=24)
+        layer, probe = _probes(model)[0]
+        count = [0]
+        hook = layer.module.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        groups, _ = traced_groups(layer, probe)
+        hook.remove()
+        assert sum(len(g.names) for g in groups) == 3 + 3 * experts  # q/k/v, every expert's gate/up and down
+        runs[experts] = count[0]
+    assert runs[4] == runs[16] <= 8, runs
