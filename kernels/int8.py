@@ -109,6 +109,8 @@ def _int_matmul(q: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 _MIN_NORMAL = torch.finfo(torch.float32).tiny
+_HOST_CHECK_ROWS = 16
+"""Up to this many rows (decode), the per-token scales are checked on the host (see _quantize_float)."""
 _EXACT_CHUNK_K = 1024
 """float32 sums of int8 x int8 products over at most this many terms are exact: 127 * 128 * 1024 < 2**24."""
 
@@ -120,16 +122,24 @@ def _quantize_float(x2: torch.Tensor, act_scale: Optional[torch.Tensor]) -> tupl
     codes exactly. scale: (M, 1) per token when act_scale is None, else act_scale as float32.
     """
     xf = x2.float()
+    normal = False
     if act_scale is None:
         scale = xf.abs().amax(-1, keepdim=True).div_(127)
-        scale.masked_fill_(scale == 0, 1.0)
+        # Where every per-token scale is finite and normal, none is zero, |x / scale| <= 127 * (1 + 2**-23) rounds
+        # to at most 127 and no row holds NaN or inf: the zero fix, clamp and nan_to_num would change nothing.
+        # Checked on the host for a few rows (one read; the ops it saves cost more at decode), on the tensor from
+        # 64 rows on, and not at all in between (the ops are cheaper than the check).
+        if scale.shape[0] <= _HOST_CHECK_ROWS:
+            normal = all(_MIN_NORMAL <= v < math.inf for v in scale.view(-1).tolist())
+        elif scale.shape[0] >= 64:
+            normal = bool(((scale >= _MIN_NORMAL) & (scale < math.inf)).all())
+        if not normal:
+            scale.masked_fill_(scale == 0, 1.0)
     else:
         scale = act_scale.float()
     q = torch.div(xf, scale)
     q.round_()
-    # Where every per-token scale is finite and normal, |x / scale| <= 127 * (1 + 2**-23) rounds to at most 127 and
-    # no row holds NaN or inf: clamp and nan_to_num would change nothing (worth checking from 64 rows on).
-    if act_scale is not None or q.shape[0] < 64 or not bool(((scale >= _MIN_NORMAL) & (scale < math.inf)).all()):
+    if not normal:
         q.clamp_(-127, 127).nan_to_num_(0.0)
     return q, scale
 
@@ -178,7 +188,6 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
     if path == "ref":
         _cpu.record(op, path, planned, why)
         return int8_linear_ref(x, qweight, w_scale, bias, act, act_scale)
-    x2 = x.reshape(-1, k)
     if op == "w8a16":
         if path == "int8pack" and x.dtype != torch.bfloat16:
             path = planned = "dequant"  # int8pack is for bfloat16 x; other dtypes take dequant by design
@@ -186,16 +195,18 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
             path, why = "dequant", "int8pack needs K % 16 == 0 and a non-empty output"
         _cpu.record(op, path, planned, why)
         if path == "int8pack":
-            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), qweight.contiguous(), w_scale.bfloat16())
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, k).contiguous(), qweight.contiguous(),
+                                                     w_scale.bfloat16())
             if bias is not None:
                 out.add_(bias)
             return out.view(*x.shape[:-1], n)
         dtype = torch.promote_types(x.dtype, torch.float32)
         w = _cpu.prepared(op, path, (qweight, w_scale), lambda: qweight.to(dtype) * w_scale.to(dtype)[:, None],
                           str(dtype))  # fmt: skip
-        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
+        out = F.linear(x if x.dtype == dtype else x.to(dtype), w, None if bias is None else bias.to(dtype))
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     _cpu.record(op, path, planned, why)
-    q, scale = _quantize_float(x2, act_scale if act == "static" else None)
+    q, scale = _quantize_float(x.reshape(-1, k), act_scale if act == "static" else None)
     if path == "int_mm":
         q = q.to(torch.int8)
         sums = torch._int_mm(q, qweight.T) if k > 1 else _int_matmul(q, qweight)  # as the reference

@@ -12,8 +12,8 @@ scaled along, unquantized); a linear feeding a sibling linear through an element
 copy of the layer (of their parent, for siblings: one expert, not the whole MoE layer) leaves its output unchanged
 (the exactness test), so a fold that is not exact (GQA's v_proj ->
 o_proj, fused qkv -> o_proj, a norm another op also reads) is skipped with the reason. The table (ARCHITECTURES)
-keeps the six architectures it listed before tracing existed: their traced groups are the same (a test pins it) and
-the table keeps their numbers bit-identical.
+of the six architectures listed before tracing existed is the fallback where there is no calibration sample to trace
+on; their traced groups are the table's (a test pins it), so their numbers did not change.
 """
 
 from __future__ import annotations
@@ -173,20 +173,27 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
             by_prev.setdefault(prev, []).append(name)
     fed = {r for readers in by_prev.values() for r in readers}
     checked: set[str] = set()  # sibling folds, found exact on their parent already
+    unfed: dict[str, str] = {}  # linears whose sibling candidates all failed, with the reason
     for name, m in module.named_modules():  # a linear feeding a sibling through a product or attention
         if not isinstance(m, nn.Linear) or name in fed or name not in order:
             continue
         parent, _, child = name.rpartition(".")
         prefix = f"{parent}." if parent else ""
-        for sib, other in module.get_submodule(parent).named_children():
-            if (isinstance(other, nn.Linear) and sib != child and other.out_features == m.in_features
-                    and prefix + sib in order and order[prefix + sib] < order[name]
-                    and _exact(module.get_submodule(parent), calls[parent], sib, (child,))):
+        tried = [sib for sib, other in module.get_submodule(parent).named_children()
+                 if isinstance(other, nn.Linear) and sib != child and other.out_features == m.in_features
+                 and prefix + sib in order and order[prefix + sib] < order[name]]
+        for sib in tried:
+            if _exact(module.get_submodule(parent), calls[parent], sib, (child,)):
                 by_prev[prefix + sib] = [name]
                 fed.add(name)
                 checked.add(prefix + sib)
                 break
-    groups, skipped = [], {}
+        else:
+            if tried:
+                unfed[f"{layer.name}.{prefix}{'/'.join(tried)} -> {name}"] = (
+                    "no exact fold from a sibling (a nonlinearity between, or grouped-query attention, whose v_proj "
+                    "is narrower): its input is not smoothed")
+    groups, skipped = [], dict(unfed)
     for prev, readers in sorted(by_prev.items(), key=lambda kv: min(order[r] for r in kv[1])):
         p = module.get_submodule(prev)
         if not isinstance(p, nn.Linear) and not _norm_like(p):
@@ -214,18 +221,18 @@ queries or keys (clipping them distorts attention scores, as AutoAWQ)."""
 
 def layer_groups(layer: Layer, model_type: str | None, probe: LayerInputs | None, method: str
                  ) -> tuple[tuple[Group, ...], dict[str, str], frozenset[str]]:
-    """One decoder layer's smoothing groups, the ones skipped with the reason, and the linears not to clip: from the
-    table for the architectures it lists, else traced on `probe`."""
+    """One decoder layer's smoothing groups, the ones skipped with the reason, and the linears not to clip: traced on
+    `probe`, or, without calibration samples to trace on, from the table for the architectures it lists."""
+    if probe is not None:
+        groups, skipped = traced_groups(layer, probe)
+        keep = frozenset(n for n, m in layer.module.named_modules(prefix=layer.name)
+                         if isinstance(m, nn.Linear) and n.rpartition(".")[2] in UNCLIPPED)
+        return groups, skipped, keep
     if model_type in ARCHITECTURES:
         arch = ARCHITECTURES[model_type]
         return (*smoothing_groups(layer, arch), unclipped(layer, arch))
-    if probe is None:
-        raise CalqError(f"{method} traces the smoothing groups of {model_type!r} on a calibration sample, and has "
-                        "none; give calibration samples")
-    groups, skipped = traced_groups(layer, probe)
-    keep = frozenset(n for n, m in layer.module.named_modules(prefix=layer.name)
-                     if isinstance(m, nn.Linear) and n.rpartition(".")[2] in UNCLIPPED)
-    return groups, skipped, keep
+    raise CalqError(f"{method} traces the smoothing groups of {model_type!r} on a calibration sample, and has "
+                    "none; give calibration samples")
 
 
 def _width(prev: nn.Module) -> int:

@@ -127,20 +127,23 @@ def test_w8a8_non_finite_rows_match_the_reference(path):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("path", ["int_mm", "float_exact"])
 @pytest.mark.parametrize("edge", [None, "nan", "inf", "subnormal", "zero"])
-def test_w8a8_many_rows_with_and_without_edge_rows(path, edge):
-    """From 64 rows the quantization skips clamp and nan_to_num when every scale is finite and normal: a row that
-    breaks that (a subnormal scale rounds a code to 128) must bring them back."""
+@pytest.mark.parametrize("rows", [3, 80])
+def test_w8a8_rows_with_and_without_an_edge_row(path, edge, rows):
+    """Up to 16 rows (checked on the host) and from 64 rows (on the tensor) the quantization skips the zero fix,
+    clamp and nan_to_num when every scale is finite and normal: a row that breaks that (a subnormal scale rounds a
+    code to 128) must bring them back."""
     qweight, w_scale = random_int8(24, 96)
-    x = torch.randn(80, 96)
+    x = torch.randn(rows, 96)
+    r = rows - 2
     if edge == "nan":
-        x[3, 4] = float("nan")
+        x[r, 4] = float("nan")
     elif edge == "inf":
-        x[5, 6] = float("inf")
+        x[r, 6] = float("inf")
     elif edge == "subnormal":  # max |x| = 128 subnormal steps: scale rounds to 1 step, the code to 128
-        x[7] = 0
-        x[7, 0] = 128 * 2.0**-149
+        x[r] = 0
+        x[r, 0] = 128 * 2.0**-149
     elif edge == "zero":
-        x[9] = 0
+        x[r] = 0
     with force_cpu_paths(w8a8=path):
         out = int8_linear(x, qweight, w_scale)
     assert_bitwise(out, int8_linear_ref(x, qweight, w_scale))
