@@ -113,20 +113,25 @@ def _key(t: Tensor) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def _exact(scope: nn.Module, call: tuple[tuple, dict], prev: str, readers: tuple[str, ...]) -> bool:
-    """Whether folding random scales into prev and its readers (named relative to `scope`) leaves scope's output on
-    `call` (its traced positional and keyword arguments) unchanged. The scope is the smallest module holding both:
-    one expert for up_proj -> down_proj, so checking 128 experts costs 128 expert forwards, not 128 layer forwards."""
+def _output(scope: nn.Module, call: tuple[tuple, dict]) -> Tensor:
+    """scope's output on `call` (its traced positional and keyword arguments), every expert run."""
     args, kwargs = call
+    with route_all_experts():
+        return hidden_out(scope(*args, **kwargs))
+
+
+@torch.no_grad()
+def _exact(scope: nn.Module, call: tuple[tuple, dict], ref: Tensor, prev: str, readers: tuple[str, ...]) -> bool:
+    """Whether folding random scales into prev and its readers (named relative to `scope`) leaves scope's output on
+    `call` unchanged (`ref`: that output). The scope is the smallest module holding both: one expert for up_proj ->
+    down_proj, so checking 128 experts costs 128 expert forwards, not 128 layer forwards."""
     trial = copy.deepcopy(scope)
     p = trial.get_submodule(prev)
     width = p.out_features if isinstance(p, nn.Linear) else p.weight.numel()
     g = torch.Generator(device="cpu").manual_seed(0)
     s = torch.exp(torch.rand(width, generator=g, device="cpu") - 0.5).to(p.weight.device)
     fold_scales(p, [trial.get_submodule(r) for r in readers], s)
-    with route_all_experts():
-        ref = hidden_out(scope(*args, **kwargs))
-        out = hidden_out(trial(*args, **kwargs))
+    out = _output(trial, call)
     return bool((out - ref).abs().max() <= 1e-4 * (1 + ref.abs().max()))
 
 
@@ -160,11 +165,12 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
                     alive.append(args[0])
             handles.append(m.register_forward_pre_hook(pre))
     try:
-        with route_all_experts():  # every expert reads the norm's output itself, not its routed rows
-            module(probe.hidden[0], **probe.kwargs[0])
+        whole = (tuple(probe.hidden), probe.kwargs[0])
+        ref = _output(module, whole)  # every expert reads the norm's output itself, not its routed rows
     finally:
         for h in handles:
             h.remove()
+    refs = {"": ref}  # each scope's output, computed once (the layer's from the trace)
     order = {name: i for i, (name, _) in enumerate(reads)}
     by_prev: dict[str, list[str]] = {}
     for name, key in reads:
@@ -182,8 +188,11 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
         tried = [sib for sib, other in module.get_submodule(parent).named_children()
                  if isinstance(other, nn.Linear) and sib != child and other.out_features == m.in_features
                  and prefix + sib in order and order[prefix + sib] < order[name]]
+        scope = module.get_submodule(parent)
+        if tried and parent not in refs:
+            refs[parent] = _output(scope, calls[parent])
         for sib in tried:
-            if _exact(module.get_submodule(parent), calls[parent], sib, (child,)):
+            if _exact(scope, calls[parent], refs[parent], sib, (child,)):
                 by_prev[prefix + sib] = [name]
                 fed.add(name)
                 checked.add(prefix + sib)
@@ -202,7 +211,7 @@ def traced_groups(layer: Layer, probe: LayerInputs) -> tuple[tuple[Group, ...], 
         if not linears:
             continue
         label = f"{layer.name}.{prev} -> {', '.join(linears)}"
-        if prev not in checked and not _exact(module, (tuple(probe.hidden), probe.kwargs[0]), prev, tuple(readers)):
+        if prev not in checked and not _exact(module, whole, ref, prev, tuple(readers)):
             skipped[label] = (f"folding scales into {prev} changes the layer's output (another op reads it, or it is "
                               "not a per-channel multiple): no exact fold")
             continue

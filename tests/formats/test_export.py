@@ -546,23 +546,13 @@ def test_a_qwen3_moe_shaped_model_quantizes_every_expert_and_its_export_loads_in
     and 2 layers, random weights: GPTQ W4A16 g32 (symmetric, as the hub's Qwen3 MoE GPTQ checkpoints) quantizes all
     768 expert projections, each with its own calibration statistics, and the compressed-tensors export loads in
     transformers to calq's logits."""
-    from transformers import AutoConfig
-
+    from benchmarks.bench_tracing import qwen3_moe_shaped
     from quant.calibrate.walker import Resident, collect_stats
     from quant.methods import quantize_variants
     from quant.methods.quantizer import IGNORED, ROUTER
     from tests.test_zoo import calibration_ids
 
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=len(tokenizer), hidden_size=256, moe_intermediate_size=96,
-                               intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
-                               max_position_embeddings=256)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 3:  # from_config leaves fused experts at zero
-                p.normal_(0, 0.05)
+    model = qwen3_moe_shaped(layers=2, vocab=len(tokenizer))
     spec = QuantSpec(name="gptq", weights=WeightScheme(num_bits=4, group_size=32, symmetric=True), method="gptq",
                      options={"max_tokens": 64})
     samples = calibration_ids(len(tokenizer), n=4, length=16)
