@@ -141,7 +141,8 @@ def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, V
         def call4(xx, qweight4=qweight4, scales=scales, zeros=zeros, group_size=group_size):
             return kernels.int4_linear(xx, qweight4, scales, zeros, group_size)
 
-        out[f"{op}/dequant"] = ("float32", {"w4a16": "dequant"}, lambda call4=call4: call4(x))
+        for path in ("dequant", "native"):
+            out[f"{op}/{path}"] = ("float32", {"w4a16": path}, lambda call4=call4: call4(x))
         out[f"{op}/ref"] = ("float32", {"w4a16": "ref"}, lambda call4=call4: call4(x))
         out[f"{op}/auto"] = ("float32", {}, lambda call4=call4: call4(x))
         out[f"{op}/int4pack bf16"] = ("bfloat16", {"w4a16": "int4pack"}, lambda call4=call4: call4(xb))

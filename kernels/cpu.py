@@ -9,12 +9,16 @@ Ops and their CPU paths ("ref" is the op's *_ref function itself, taken only whe
         float_exact  the int8 codes as float32 through float32 matmuls over K chunks of at most 1024: every partial
                      sum is an integer below 127 * 128 * 1024 < 2**24, so exact; chunks are summed in float64.
                      Bit for bit the reference. Prepared weight: qweight as float32.
+        native       native.c's calq_w8a8 (float32 x, at most 16 rows): quantization, exact int32 sums and the
+                     float64 epilogue in one call. Bit for bit the reference.
     w8a16  int8_linear, act "none"
         dequant      the reference's float weight qweight * w_scale and F.linear: bit for bit the reference.
                      Prepared weight: that float weight.
         int8pack     torch's _weight_int8pack_mm: bfloat16 x only (its float32 and float16 kernels are scalar
                      loops), K a multiple of 16 (other K crash or give wrong sums in torch 2.13); w_scale rounded to
                      bfloat16. Within the bfloat16 tolerance of the kernel tests, not bit for bit.
+        native       native.c's calq_wxa16 (float32 x, at most 16 rows): the reference's products, summed in
+                     another order (float32 rounding). No prepared weight.
     w4a16  int4_linear
         dequant      the reference's float weight (q - zero) * scale and F.linear: bit for bit the reference.
                      Prepared weight: that float weight (unpacked with byte ops, several times faster than
@@ -24,14 +28,19 @@ Ops and their CPU paths ("ref" is the op's *_ref function itself, taken only whe
                      both group_size and K (a group_size of 128 with a ragged last group, K = 576, runs as g = 64
                      with each scale repeated). torch computes w = (q - 8) * scale + zero: zero = (8 - zeros) * scale,
                      both in bfloat16. Prepared weight: torch's packing and the scales and zeros.
+        native       native.c's calq_wxa16 (float32 x, at most 16 rows), as for w8a16. Prepared weight: the codes
+                     q - zero as int8 (a byte per weight) and the scales as float32.
 
 Decision, once per process and op (on the op's first CPU call, or at cpu_dispatch()): for decode (at most
 DECODE_MAX_M rows) and prefill, time the candidate matmuls on a small synthetic weight (interleaved, fastest of 9; some
-tens of milliseconds) and keep the faster; a tie keeps the first listed (int_mm, dequant). The environment variables
-CALQ_CPU_W8A8, CALQ_CPU_W8A16 and CALQ_CPU_W4A16 (a path name) force an op's path for the process;
-force_cpu_paths() forces it inside a with block (tests, benchmarks). int8pack and int4pack serve bfloat16 x only:
-other dtypes take dequant by design. Where the planned path cannot run a call (a shape torch's kernel does not take,
-or autograd, which only the reference supports), the call runs dequant (or ref) and is counted as a fallback.
+tens of milliseconds) and rank them, fastest first; a tie keeps the order listed. A call takes the first path of its
+regime's ranking that serves its x: int8pack and int4pack serve bfloat16 x only, native float32 x only (and is a
+candidate for decode only, where native.py could build it: its build note is in the reasons); other dtypes skipping a
+path is by design, not a fallback. The environment variables CALQ_CPU_W8A8, CALQ_CPU_W8A16 and CALQ_CPU_W4A16 (a
+path name) force an op's path for the process; force_cpu_paths() forces it inside a with block (tests, benchmarks);
+a forced path that does not serve x's dtype gives way to the op's general paths. Where the planned path cannot run a
+call (a shape torch's kernel does not take, more rows than native takes, or autograd, which only the reference
+supports), the call runs a general path (or ref) and is counted as a fallback.
 
 Prepared weights are kept only inside `with weight_cache(max_bytes):` (an LRU bounded by max_bytes, keyed by the
 weight tensors, their versions and storage, emptied when the block ends); outside one, each call prepares its weight
@@ -56,19 +65,26 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-DECODE_MAX_M = 16
+from . import native
+
+DECODE_MAX_M = native.MAX_ROWS
 """Calls with at most this many rows (tokens) take the decode path of their op; more take the prefill path."""
 
 PATHS: dict[str, tuple[str, ...]] = {
-    "w8a8": ("int_mm", "float_exact", "ref"),
-    "w8a16": ("dequant", "int8pack", "ref"),
-    "w4a16": ("dequant", "int4pack", "ref"),
+    "w8a8": ("int_mm", "float_exact", "native", "ref"),
+    "w8a16": ("dequant", "int8pack", "native", "ref"),
+    "w4a16": ("dequant", "int4pack", "native", "ref"),
 }
 """The CPU paths of each op, the first the default where timing ties."""
 
+GENERAL: dict[str, tuple[str, ...]] = {"w8a8": ("int_mm", "float_exact"), "w8a16": ("dequant",), "w4a16": ("dequant",)}
+"""The paths of each op that serve any x (any float dtype, any rows): what a call falls back to."""
+
+SERVES: dict[str, torch.dtype] = {"int8pack": torch.bfloat16, "int4pack": torch.bfloat16, "native": torch.float32}
+"""The one x dtype a path serves, for the paths that do not serve every dtype."""
+
 ENV_VARS = {op: f"CALQ_CPU_{op.upper()}" for op in PATHS}
 _REGIMES = ("decode", "prefill")
-_BF16_ONLY = {"int8pack", "int4pack"}
 
 
 @dataclass(frozen=True)
@@ -77,9 +93,10 @@ class CpuDispatch:
 
     capability: torch.backends.cpu.get_cpu_capability(), the vector ISA ATen's own kernels use (ATEN_CPU_CAPABILITY
     lowers it). features: what the hardware has (cpuinfo), which oneDNN and MKL use whatever the capability.
-    paths[op][regime]: the path op takes for decode (<= DECODE_MAX_M rows) and prefill calls; int8pack and int4pack
-    apply to bfloat16 x only, other dtypes take dequant (not counted as a fallback).
-    reasons[op]: why (the timings, or what forced it). calls["op/path"]: calls that ran path.
+    order[op][regime]: op's paths for decode (<= DECODE_MAX_M rows) and prefill calls, fastest first: a call takes
+    the first that serves its x (int8pack and int4pack bfloat16 only, native float32 only; see SERVES).
+    paths[op][regime]: the first of order, the path of the x dtypes it serves.
+    reasons[op]: why (the timings and native.py's build note, or what forced it). calls["op/path"]: calls that ran path.
     fallbacks["op/path -> other: why"]: calls whose planned path could not run. uncached["op/path"]: calls that
     prepared their weight because no weight_cache was active (or it could not hold the weight).
     cache: the innermost active weight_cache's stats, None outside one.
@@ -87,19 +104,24 @@ class CpuDispatch:
 
     capability: str
     features: dict[str, bool]
-    paths: dict[str, dict[str, str]]
+    order: dict[str, dict[str, tuple[str, ...]]]
     reasons: dict[str, str]
     calls: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, int] = field(default_factory=dict)
     uncached: dict[str, int] = field(default_factory=dict)
     cache: Optional[dict[str, int]] = None
 
+    @property
+    def paths(self) -> dict[str, dict[str, str]]:
+        return {op: {regime: order[0] for regime, order in regimes.items()} for op, regimes in self.order.items()}
+
     def summary(self) -> str:
         """A few lines for a report."""
         features = ", ".join(name for name, on in self.features.items() if on) or "none"
         lines = [f"CPU kernels: capability {self.capability} ({features})"]
-        for op, regimes in self.paths.items():
-            lines.append(f"  {op}: decode {regimes['decode']}, prefill {regimes['prefill']} ({self.reasons[op]})")
+        for op, regimes in self.order.items():
+            order = {regime: " > ".join(paths) for regime, paths in regimes.items()}
+            lines.append(f"  {op}: decode {order['decode']}, prefill {order['prefill']} ({self.reasons[op]})")
         for title, counts in (("calls", self.calls), ("fallbacks", self.fallbacks), ("uncached", self.uncached)):
             if counts:
                 lines.append(f"  {title}: " + ", ".join(f"{key} {n}" for key, n in sorted(counts.items())))
@@ -113,7 +135,7 @@ class CpuDispatch:
 # ----------------------------------------------------------------------------------------------
 
 _lock = threading.RLock()
-_decided: dict[str, tuple[dict[str, str], str]] = {}
+_decided: dict[str, tuple[dict[str, tuple[str, ...]], str]] = {}
 _forced: list[dict[str, str]] = []
 _calls: collections.Counter = collections.Counter()
 _fallbacks: collections.Counter = collections.Counter()
@@ -151,33 +173,22 @@ def _best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, fl
     return best
 
 
+CALLS: dict[str, Callable[[str, int], Callable[[], object]]] = {}
+"""op -> make(path, m): a whole call of op forced onto path, for m rows on a synthetic 512 x 512 weight, x in the
+dtype path serves (float32 for the general paths). Registered by int8.py and int4.py; what the decision times, so
+that each path pays what a call pays (W8A8's quantization, the casts, the cache lookup)."""
+
+
 def _candidates(op: str, m: int) -> dict[str, Callable[[], object]]:
-    """The timed matmul of each non-reference path of op for m rows, on a synthetic 512 x 512 weight."""
-    n = k = 512
-    gen = torch.Generator().manual_seed(0)
-    if op == "w8a8":
-        q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
-        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-        qf, wf = q.float(), w.float()
-        return {"int_mm": lambda: torch._int_mm(q, w.T), "float_exact": lambda: torch.mm(qf, wf.T)}
-    x = torch.randn(m, k, generator=gen).bfloat16()
-    wf = torch.randn(n, k, generator=gen)
-    dequant = lambda: F.linear(x.float(), wf).to(torch.bfloat16)  # noqa: E731
-    if op == "w8a16":
-        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-        scales = torch.rand(n, generator=gen).bfloat16()
-        return {"dequant": dequant, "int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x, w8, scales)}
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 2
-    )
-    scales_zeros = torch.rand(k // 64, n, 2, generator=gen).bfloat16()
-    int4pack = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, scales_zeros)  # noqa: E731
-    return {"dequant": dequant, "int4pack": int4pack}
+    """The timed call of each non-reference path of op for m rows (native only for decode, where it was built)."""
+    use_native = m <= DECODE_MAX_M and native.build().lib is not None
+    paths = [p for p in PATHS[op] if p != "ref" and (p != "native" or use_native)]
+    return {path: CALLS[op](path, m) for path in paths}
 
 
-def _measure(op: str) -> tuple[dict[str, str], str]:
-    """Time op's candidate paths for decode (1 row) and prefill (128 rows); keep the faster per regime."""
-    paths, notes = {}, []
+def _measure(op: str) -> tuple[dict[str, tuple[str, ...]], str]:
+    """Time op's candidate paths for decode (1 row) and prefill (128 rows); rank them per regime, fastest first."""
+    order, notes = {}, []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on one thread: a parallel region waiting on a descheduled thread would decide it
     try:
@@ -185,19 +196,25 @@ def _measure(op: str) -> tuple[dict[str, str], str]:
     finally:
         torch.set_num_threads(threads)
     for regime, (m, times) in measured.items():
-        first = next(iter(times))
-        paths[regime] = min(times, key=lambda name: (times[name], name != first))
+        listed = list(times)
+        order[regime] = tuple(sorted(times, key=lambda name: (times[name], listed.index(name))))
         timing = " vs ".join(f"{name} {t * 1e3:.3f} ms" for name, t in times.items())
         notes.append(f"{regime} M={m}: {timing}")
-    bf16 = "; for bfloat16 x" if op != "w8a8" else ""
-    return paths, f"measured on one thread, a 512x512 weight{bf16}: " + "; ".join(notes)
+    return order, f"measured on one thread, a 512x512 weight: {'; '.join(notes)}; native: {native.build().note}"
 
 
 def _measure_regimes(op: str) -> dict[str, tuple[int, dict[str, float]]]:
+    """The timings, in a weight cache of their own; the calls they make are not counted."""
     out = {}
-    with torch.no_grad():
-        for regime, m in (("decode", 1), ("prefill", 128)):
-            out[regime] = (m, _best_times(_candidates(op, m), 9))
+    counters = [(counter, counter.copy()) for counter in (_calls, _fallbacks, _uncached)]
+    try:
+        with torch.no_grad(), weight_cache(2**28):
+            for regime, m in (("decode", 1), ("prefill", 128)):
+                out[regime] = (m, _best_times(_candidates(op, m), 9))
+    finally:
+        for counter, saved in counters:
+            counter.clear()
+            counter.update(saved)
     return out
 
 
@@ -206,20 +223,37 @@ def _decide(op: str) -> tuple[dict[str, str], str]:
         if op not in _decided:
             env = os.environ.get(ENV_VARS[op], "").strip()
             if env:
-                path = _check_path(op, env, ENV_VARS[op])
-                _decided[op] = ({regime: path for regime in _REGIMES}, f"forced by {ENV_VARS[op]}={env}")
+                order = _forced_order(op, _check_path(op, env, ENV_VARS[op]))
+                _decided[op] = ({regime: order for regime in _REGIMES}, f"forced by {ENV_VARS[op]}={env}")
             else:
                 _decided[op] = _measure(op)
         return _decided[op]
 
 
-def plan(op: str, m: int) -> str:
-    """The path op takes for a call of m rows (forced, else decided once per process)."""
+def _forced_order(op: str, path: str) -> tuple[str, ...]:
+    """A forced path, then the op's general paths for the x dtypes it does not serve."""
+    return (path, *(p for p in GENERAL[op] if p != path))
+
+
+def plan(op: str, m: int, dtype: Optional[torch.dtype] = None) -> str:
+    """The path op takes for a call of m rows of x in dtype (forced, else decided once per process): the first of
+    the regime's order that serves dtype (any dtype when None)."""
     for forced in reversed(_forced):
         if op in forced:
-            return forced[op]
-    decided = _decided.get(op) or _decide(op)
-    return decided[0]["decode" if m <= DECODE_MAX_M else "prefill"]
+            order = _forced_order(op, forced[op])
+            break
+    else:
+        decided = _decided.get(op) or _decide(op)
+        order = decided[0]["decode" if m <= DECODE_MAX_M else "prefill"]
+    if dtype is None:
+        return order[0]
+    return next(p for p in order if SERVES.get(p, dtype) == dtype)
+
+
+def general(op: str, m: int) -> str:
+    """The fastest of op's general paths for m rows (serving any x): where a planned path cannot run a call."""
+    order = (_decided.get(op) or _decide(op))[0]["decode" if m <= DECODE_MAX_M else "prefill"]
+    return next((p for p in order if p in GENERAL[op]), GENERAL[op][0])
 
 
 def record(op: str, path: str, planned: Optional[str] = None, why: str = "") -> None:
@@ -234,21 +268,22 @@ def cpu_dispatch(decide: bool = True) -> CpuDispatch:
 
     decide: decide the ops not used yet (timing them, some tens of milliseconds each); else they show "undecided".
     """
-    paths, reasons = {}, {}
+    orders, reasons = {}, {}
     for op in PATHS:
         if decide or op in _decided:
             regimes, reason = _decide(op)
         else:
-            regimes, reason = {regime: "undecided" for regime in _REGIMES}, "not used yet"
+            regimes, reason = {regime: ("undecided",) for regime in _REGIMES}, "not used yet"
         for forced in _forced:
             if op in forced:
-                regimes, reason = {regime: forced[op] for regime in _REGIMES}, "forced by force_cpu_paths"
-        paths[op], reasons[op] = dict(regimes), reason
+                regimes = {regime: _forced_order(op, forced[op]) for regime in _REGIMES}
+                reason = "forced by force_cpu_paths"
+        orders[op], reasons[op] = dict(regimes), reason
     cache = _caches[-1].stats() if _caches else None
     calls = {f"{op}/{path}": n for (op, path), n in _calls.items()}
     fallbacks = {f"{op}/{planned} -> {path}: {why}": n for (op, planned, path, why), n in _fallbacks.items()}
     uncached = {f"{op}/{path}": n for (op, path), n in _uncached.items()}
-    return CpuDispatch(torch.backends.cpu.get_cpu_capability(), _features(), paths, reasons, calls, fallbacks,
+    return CpuDispatch(torch.backends.cpu.get_cpu_capability(), _features(), orders, reasons, calls, fallbacks,
                        uncached, cache)  # fmt: skip
 
 
@@ -326,15 +361,15 @@ class WeightCache:
         signature = _signature(tensors)
         if signature is None:
             return make(), False
+        # ids name the live tensors: an entry goes (forget) when one of its tensors dies, before its id can be reused
         key = (kind, *map(id, tensors))
         with _lock:
             entry = self._entries.get(key)
             if entry is not None:
-                refs, entry_signature, value, _ = entry
-                if entry_signature == signature and all(r() is t for r, t in zip(refs, tensors)):
+                if entry[1] == signature:
                     self._entries.move_to_end(key)
                     self._counts["hits"] += 1
-                    return value, True
+                    return entry[2], True
                 self._counts["stale"] += 1
                 self._drop(key)
         value = make()

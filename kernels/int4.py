@@ -7,13 +7,13 @@ Weight layout (what the quantized linear module stores):
     w[n, k] = (q[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
 
 int4_linear runs the Triton kernel on CUDA tensors; on CPU the path kernels/cpu.py chose for this machine (the
-reference's dequantized weight, prepared once inside kernels.weight_cache, or torch's bfloat16 int4 kernel); on other
-devices the torch reference int4_linear_ref.
+reference's dequantized weight, prepared once inside kernels.weight_cache, torch's bfloat16 int4 kernel, or native.c's
+decode kernel on int8 codes); on other devices the torch reference int4_linear_ref.
 """
 
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import cpu as _cpu
+from . import native as _native
 from ._common import autotune_configs, check_triton_inputs, device_context, launch, m_bucket, tile_ids
 
 _NIBBLE_SHIFTS = tuple(range(0, 32, 4))
@@ -155,14 +156,22 @@ def _int4pack_weight(qweight, scales, zeros, group_size: int, k: int, torch_grou
     return packed, scales_zeros
 
 
+def _native_weight(qweight, scales, zeros, group_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the codes q - zero as int8 (N, K), the scales as float32 (N, G)) for native.c's calq_wxa16: a byte per
+    weight, and its products with the scales are the reference's float32 weight."""
+    q = _unpack_codes(qweight)[:, :k].to(torch.int16)
+    zero = zeros.to(torch.int16).repeat_interleave(group_size, 1)[:, :k]
+    return (q - zero).to(torch.int8).contiguous(), scales.float().contiguous()
+
+
 def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tensor:
-    """int4_linear on the CPU path kernels/cpu.py planned for this row count; counted there."""
+    """int4_linear on the CPU path kernels/cpu.py planned for this row count and x dtype; counted there."""
     n, k = _check_int4_args(x, qweight, scales, zeros, group_size, bias)
     if torch.compiler.is_compiling():
         return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
     op = "w4a16"
     m = x.numel() // k if k else 0
-    planned = path = _cpu.plan(op, m)
+    planned = path = _cpu.plan(op, m, x.dtype)
     why = ""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scales, bias)):
         if path != "ref":
@@ -171,14 +180,20 @@ def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tenso
         _cpu.record(op, path, planned, why)
         return int4_linear_ref(x, qweight, scales, zeros, group_size, bias)
     tensors = (qweight, scales, zeros)
-    if path == "int4pack":
-        if x.dtype != torch.bfloat16:
-            path = planned = "dequant"  # int4pack is for bfloat16 x; other dtypes take dequant by design
+    if path == "native":
+        if m > _native.MAX_ROWS:
+            path, why = "dequant", f"native takes at most {_native.MAX_ROWS} rows"
         else:
-            torch_group = _int4pack_group(n, k, group_size)
-            if torch_group is None or not m:
-                path = "dequant"
-                why = "int4pack needs N % 16 == 0, a group size of 32/64/128/256 dividing group_size and K, and rows"
+            _cpu.record(op, path)
+            codes, scales32 = _cpu.prepared(
+                op, path, tensors, lambda: _native_weight(qweight, scales, zeros, group_size, k), f"g{group_size}"
+            )  # fmt: skip
+            return _native.wxa16(x, codes, scales32, group_size, None if bias is None else bias.float().contiguous())
+    if path == "int4pack":
+        torch_group = _int4pack_group(n, k, group_size)
+        if torch_group is None or not m:
+            path = "dequant"
+            why = "int4pack needs N % 16 == 0, a group size of 32/64/128/256 dividing group_size and K, and rows"
     _cpu.record(op, path, planned, why)
     if path == "int4pack":
         packed, scales_zeros = _cpu.prepared(
@@ -195,6 +210,25 @@ def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tenso
                       f"g{group_size}/{dtype}")  # fmt: skip
     out = F.linear(x if x.dtype == dtype else x.to(dtype), w, None if bias is None else bias.to(dtype))
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _timed_call(path: str, m: int) -> Callable[[], torch.Tensor]:
+    """int4_linear (group size 64) forced onto CPU path for m rows of a synthetic 512 x 512 weight: what
+    kernels/cpu.py times."""
+    gen = torch.Generator().manual_seed(0)
+    qweight = pack_int4(torch.randint(0, 16, (512, 512), dtype=torch.uint8, generator=gen))
+    scales = torch.rand(512, 8, generator=gen) * 0.01
+    zeros = torch.randint(0, 16, (512, 8), dtype=torch.uint8, generator=gen)
+    x = torch.randn(m, 512, generator=gen).to(_cpu.SERVES.get(path, torch.float32))
+
+    def call() -> torch.Tensor:
+        with _cpu.force_cpu_paths(w4a16=path):
+            return _int4_linear_cpu(x, qweight, scales, zeros, 64, None)
+
+    return call
+
+
+_cpu.CALLS["w4a16"] = _timed_call
 
 
 _GEMM_CONFIGS = [

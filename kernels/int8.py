@@ -10,12 +10,14 @@ or inf gets a non-finite dynamic scale, which makes its output row non-finite). 
 summed in int32, then scaled by the token and channel scales in float32.
 
 int8_linear and quantize_per_token run Triton kernels on CUDA tensors. On CPU int8_linear takes the path that
-kernels/cpu.py chose for this machine (torch._int_mm or exact float32 matmuls for W8A8, bit for bit the reference;
-the reference or torch's bfloat16 int8 kernel for W8A16); quantize_per_token and other devices run the references.
+kernels/cpu.py chose for this machine (torch._int_mm, exact float32 matmuls or native.c's fused decode kernel for
+W8A8, each bit for bit the reference; the reference's weight, torch's bfloat16 int8 kernel or native.c for W8A16);
+quantize_per_token and other devices run the references.
 """
 
+import functools
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import cpu as _cpu
+from . import native as _native
 from ._common import autotune_configs, check_triton_inputs, device_context, launch, m_bucket, tile_ids
 
 _ACTS = ("dynamic", "static", "none")
@@ -173,14 +176,18 @@ def _float_exact_matmul(q: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def _float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float().contiguous()
+
+
 def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
-    """int8_linear on the CPU path kernels/cpu.py planned for this op and row count; counted there."""
+    """int8_linear on the CPU path kernels/cpu.py planned for this op, row count and x dtype; counted there."""
     n, k = _check_int8_args(x, qweight, w_scale, bias, act, act_scale)
     if torch.compiler.is_compiling():
         return int8_linear_ref(x, qweight, w_scale, bias, act, act_scale)
     op = "w8a16" if act == "none" else "w8a8"
     m = x.numel() // k if k else 0
-    planned = path = _cpu.plan(op, m)
+    planned = path = _cpu.plan(op, m, x.dtype)
     why = ""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_scale, bias, act_scale))
     if grad and path != "ref":
@@ -188,9 +195,19 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
     if path == "ref":
         _cpu.record(op, path, planned, why)
         return int8_linear_ref(x, qweight, w_scale, bias, act, act_scale)
+    if path == "native":
+        # W8A8's float64 epilogue would see float64 scales rounded to float32; W8A16's reference rounds them too
+        wide = op == "w8a8" and any(t is not None and t.dtype == torch.float64 for t in (w_scale, bias, act_scale))
+        if m > _native.MAX_ROWS or wide:
+            path = _cpu.general(op, m)
+            why = "native takes no float64 scales or bias" if wide else f"native takes at most {_native.MAX_ROWS} rows"
+        else:
+            _cpu.record(op, path)
+            qweight, ws, b = qweight.contiguous(), _float32(w_scale), _float32(bias)
+            if op == "w8a8":
+                return _native.w8a8(x, qweight, ws, b, _float32(act_scale))
+            return _native.wxa16(x, qweight, ws[:, None], max(k, 1), b)
     if op == "w8a16":
-        if path == "int8pack" and x.dtype != torch.bfloat16:
-            path = planned = "dequant"  # int8pack is for bfloat16 x; other dtypes take dequant by design
         if path == "int8pack" and (k % 16 or not m or not n):
             path, why = "dequant", "int8pack needs K % 16 == 0 and a non-empty output"
         _cpu.record(op, path, planned, why)
@@ -213,6 +230,25 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
     else:
         sums = _float_exact_matmul(q, _cpu.prepared(op, path, (qweight,), qweight.float))
     return _scale_sums(sums, scale, w_scale, bias, x.dtype).view(*x.shape[:-1], n)
+
+
+def _timed_call(act: str, path: str, m: int) -> Callable[[], torch.Tensor]:
+    """int8_linear (act) forced onto CPU path for m rows of a synthetic 512 x 512 weight: what kernels/cpu.py times."""
+    gen = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=gen)
+    w_scale = torch.rand(512, generator=gen) * 0.01
+    x = torch.randn(m, 512, generator=gen).to(_cpu.SERVES.get(path, torch.float32))
+    forced = {"w8a16" if act == "none" else "w8a8": path}
+
+    def call() -> torch.Tensor:
+        with _cpu.force_cpu_paths(**forced):
+            return _int8_linear_cpu(x, qweight, w_scale, None, act, None)
+
+    return call
+
+
+_cpu.CALLS["w8a8"] = functools.partial(_timed_call, "dynamic")
+_cpu.CALLS["w8a16"] = functools.partial(_timed_call, "none")
 
 
 @triton.jit

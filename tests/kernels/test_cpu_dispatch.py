@@ -107,7 +107,7 @@ def test_float_exact_split_k_is_exact_where_one_float32_sum_is_not(k):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("path", ["int_mm", "float_exact"])
+@pytest.mark.parametrize("path", ["int_mm", "float_exact", "native"])
 def test_w8a8_non_finite_rows_match_the_reference(path):
     qweight, w_scale = random_int8(33, 70)
     x = torch.randn(4, 70)
@@ -125,7 +125,7 @@ def test_w8a8_non_finite_rows_match_the_reference(path):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("path", ["int_mm", "float_exact"])
+@pytest.mark.parametrize("path", ["int_mm", "float_exact", "native"])
 @pytest.mark.parametrize("edge", [None, "nan", "inf", "subnormal", "zero"])
 @pytest.mark.parametrize("rows", [3, 80])
 def test_w8a8_rows_with_and_without_an_edge_row(path, edge, rows):
@@ -147,6 +147,117 @@ def test_w8a8_rows_with_and_without_an_edge_row(path, edge, rows):
     with force_cpu_paths(w8a8=path):
         out = int8_linear(x, qweight, w_scale)
     assert_bitwise(out, int8_linear_ref(x, qweight, w_scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# native.c: W8A8 bit for bit, W8A16 / W4A16 within float32 rounding; its build and its fallbacks
+# ----------------------------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(kernels.native.build().lib is None, reason=kernels.native.build().note)
+NATIVE_SHAPES = [(1, 3), (70, 33), (64, 17), (129, 5), (1025, 9), (2100, 6)]  # (K, N): every vector loop and tail
+
+
+@needs_native
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 5), (16,)])
+@pytest.mark.parametrize("k,n", NATIVE_SHAPES)
+def test_native_w8a8_is_the_reference_bitwise(act, rows, k, n):
+    qweight, w_scale = random_int8(n, k, seed=k)
+    x = torch.round(torch.randn(*rows, k) * 8) / 4  # quarter steps: with the static scale 0.5, many codes are ties
+    bias = torch.randn(n) if k % 2 else None
+    act_scale = torch.tensor(0.5) if act == "static" else None
+    with force_cpu_paths(w8a8="native"):
+        out = int8_linear(x, qweight, w_scale.half(), bias, act, act_scale)  # half scales convert exactly
+    assert_bitwise(out, int8_linear_ref(x, qweight, w_scale.half(), bias, act, act_scale))
+    assert calls("w8a8", "native") == 1
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 5), (16,)])
+@pytest.mark.parametrize("k,n", NATIVE_SHAPES)
+def test_native_w8a16_is_the_reference_within_float32_rounding(rows, k, n):
+    qweight, w_scale = random_int8(n, k, seed=k)
+    x = torch.randn(*rows, k)
+    bias = torch.randn(n) if k % 2 else None
+    with force_cpu_paths(w8a16="native"):
+        out = int8_linear(x, qweight, w_scale, bias, act="none")
+    assert rel_err(out, int8_linear_ref(x.double(), qweight, w_scale, bias, act="none")) < 1e-6
+    assert calls("w8a16", "native") == 1
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 5), (16,)])
+@pytest.mark.parametrize("k,n,group_size", [(1, 3, 1), (70, 33, 32), (64, 17, 64), (129, 5, 48), (576, 9, 128),
+                                            (2100, 6, 2100)])  # fmt: skip
+def test_native_w4a16_is_the_reference_within_float32_rounding(rows, k, n, group_size):
+    qweight, scales, zeros = random_int4(n, k, group_size, seed=k)
+    x = torch.randn(*rows, k)
+    bias = torch.randn(n) if k % 2 else None
+    with force_cpu_paths(w4a16="native"), weight_cache():
+        out = int4_linear(x, qweight, scales, zeros, group_size, bias)
+    assert rel_err(out, int4_linear_ref(x.double(), qweight, scales, zeros, group_size, bias)) < 1e-6
+    assert calls("w4a16", "native") == 1
+
+
+@needs_native
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_native_propagates_nan_and_inf_as_the_reference():
+    qweight, w_scale = random_int8(33, 70)
+    q4, scales, zeros = random_int4(33, 70, 32)
+    x = torch.randn(3, 70)
+    x[0, 5], x[1, 50] = float("nan"), float("inf")
+    with force_cpu_paths(w8a16="native", w4a16="native"):
+        for out in (int8_linear(x, qweight, w_scale, act="none"), int4_linear(x, q4, scales, zeros, 32)):
+            assert out[0].isnan().all() and not out[1].isfinite().any() and out[2].isfinite().all()
+
+
+@needs_native
+def test_native_gives_way_where_it_does_not_serve_a_call():
+    """bfloat16 x takes a general path by design (not a fallback); 17 rows and float64 W8A8 scales are fallbacks,
+    named and counted; the results are the reference's either way."""
+    qweight, w_scale = random_int8(16, 64)
+    x = torch.randn(17, 64)
+    with force_cpu_paths(w8a8="native", w4a16="native"):
+        assert_bitwise(int8_linear(x[:2].bfloat16(), qweight, w_scale), int8_linear_ref(x[:2].bfloat16(), qweight, w_scale))
+        assert_bitwise(int8_linear(x, qweight, w_scale), int8_linear_ref(x, qweight, w_scale))
+        assert_bitwise(int8_linear(x[:1], qweight, w_scale.double()), int8_linear_ref(x[:1], qweight, w_scale.double()))
+        q4, scales, zeros = random_int4(16, 64, 32)
+        assert_bitwise(int4_linear(x, q4, scales, zeros, 32), int4_linear_ref(x, q4, scales, zeros, 32))
+    info = cpu_dispatch(decide=False)
+    general = cpu.general("w8a8", 17)
+    assert info.fallbacks == {
+        f"w8a8/native -> {general}: native takes at most 16 rows": 1,
+        f"w8a8/native -> {cpu.general('w8a8', 1)}: native takes no float64 scales or bias": 1,
+        "w4a16/native -> dequant: native takes at most 16 rows": 1,
+    }
+    assert info.calls.get("w8a8/native", 0) == 0 and sum(info.calls.values()) == 4
+
+
+def test_native_builds_once_and_says_why_it_cannot(tmp_path, monkeypatch):
+    first = kernels.native.compile_library(tmp_path)
+    if first.lib is None:
+        pytest.skip(first.note)
+    assert first.note.startswith("built ") and len(list(tmp_path.glob("*.so"))) == 1
+    again = kernels.native.compile_library(tmp_path)
+    assert again.lib is not None and again.note.startswith("reused ")
+    assert not list(tmp_path.glob("*.tmp")), "no half-written library is left behind"
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    monkeypatch.setattr(kernels.native, "FLAGS", (*kernels.native.FLAGS, "-DREBUILD"))  # a new key: it must build
+    failed = kernels.native.compile_library(tmp_path / "other")
+    assert failed.lib is None and "false failed on native.c" in failed.note
+    assert not list((tmp_path / "other").glob("*"))
+
+
+def test_an_unavailable_native_library_is_left_out_of_the_decision(monkeypatch):
+    try:
+        monkeypatch.setattr(kernels.native, "build", lambda: kernels.native.Build(None, "no C compiler (set CC)"))
+        reset_cpu_dispatch()
+        info = cpu_dispatch()
+        for op in ("w8a8", "w8a16", "w4a16"):
+            assert "native" not in info.order[op]["decode"] and "no C compiler" in info.reasons[op]
+    finally:
+        monkeypatch.undo()
+        reset_cpu_dispatch()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +476,7 @@ def test_force_cpu_paths_nests_and_restores():
             assert cpu.plan("w8a8", 1) == "ref" and cpu_dispatch().paths["w8a8"]["prefill"] == "ref"
         assert cpu.plan("w8a8", 1000) == "float_exact"
     assert cpu.plan("w8a8", 1) == decided
-    with pytest.raises(ValueError, match="int_mm, float_exact, ref"):
+    with pytest.raises(ValueError, match="int_mm, float_exact, native, ref"):
         with force_cpu_paths(w8a8="int4pack"):
             pass
     with pytest.raises(ValueError, match="ops are"):
@@ -391,24 +502,32 @@ def test_environment_variable_forces_a_path(monkeypatch):
 
 
 def test_measured_decision_picks_the_faster_path(monkeypatch):
-    """A slow torch._int_mm (as where torch runs its naive loop) makes W8A8 take float_exact, and back."""
+    """A slow torch._int_mm (as where torch runs its naive loop) makes W8A8 take float_exact, and back; native, where
+    it is built, is ranked by the same timing (for decode only)."""
     int_mm = torch._int_mm
 
     def slow_int_mm(a, b):
         time.sleep(0.02)
         return int_mm(a, b)
 
+    def torch_paths(info):
+        return {regime: [p for p in order if p != "native"][0] for regime, order in info.order["w8a8"].items()}
+
     try:
         monkeypatch.setattr(torch, "_int_mm", slow_int_mm)
         reset_cpu_dispatch()
         info = cpu_dispatch()
-        assert info.paths["w8a8"] == {"decode": "float_exact", "prefill": "float_exact"}, info.reasons["w8a8"]
+        assert torch_paths(info) == {"decode": "float_exact", "prefill": "float_exact"}, info.reasons["w8a8"]
+        assert cpu.general("w8a8", 1) == "float_exact" and "native" not in info.order["w8a8"]["prefill"]
         mm = torch.mm
         monkeypatch.setattr(torch, "_int_mm", int_mm)
         monkeypatch.setattr(torch, "mm", lambda a, b: (time.sleep(0.02), mm(a, b))[1])
         reset_cpu_dispatch()
         info = cpu_dispatch()
-        assert info.paths["w8a8"] == {"decode": "int_mm", "prefill": "int_mm"}, info.reasons["w8a8"]
+        assert torch_paths(info) == {"decode": "int_mm", "prefill": "int_mm"}, info.reasons["w8a8"]
+        assert cpu.general("w8a8", 1000) == "int_mm"
+        if kernels.native.build().lib is not None:  # one sleeping op of three: native is ranked first for decode
+            assert info.order["w8a8"]["decode"][0] == "native", info.reasons["w8a8"]
     finally:
         monkeypatch.undo()
         reset_cpu_dispatch()
