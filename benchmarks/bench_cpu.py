@@ -130,8 +130,8 @@ def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, V
                 out[f"{op}/{path}"] = ("float32", {op: path}, lambda call=call: call(x))
         out[f"{op}/auto"] = ("float32", {}, lambda call=call: call(x))
         if op == "w8a16":
-            out[f"{op}/int8pack bf16"] = ("bfloat16", {op: "int8pack"}, lambda call=call: call(xb))
-            out[f"{op}/dequant bf16"] = ("bfloat16", {op: "dequant"}, lambda call=call: call(xb))
+            for path in ("int8pack", "dequant_bf16", "dequant"):
+                out[f"{op}/{path} bf16"] = ("bfloat16", {op: path}, lambda call=call: call(xb))
             out[f"{op}/auto bf16"] = ("bfloat16", {}, lambda call=call: call(xb))
     for group_size in (128, 64):
         op = f"w4a16-g{group_size}"
@@ -145,8 +145,8 @@ def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, V
             out[f"{op}/{path}"] = ("float32", {"w4a16": path}, lambda call4=call4: call4(x))
         out[f"{op}/ref"] = ("float32", {"w4a16": "ref"}, lambda call4=call4: call4(x))
         out[f"{op}/auto"] = ("float32", {}, lambda call4=call4: call4(x))
-        out[f"{op}/int4pack bf16"] = ("bfloat16", {"w4a16": "int4pack"}, lambda call4=call4: call4(xb))
-        out[f"{op}/dequant bf16"] = ("bfloat16", {"w4a16": "dequant"}, lambda call4=call4: call4(xb))
+        for path in ("int4pack", "dequant_bf16", "dequant"):
+            out[f"{op}/{path} bf16"] = ("bfloat16", {"w4a16": path}, lambda call4=call4: call4(xb))
         out[f"{op}/auto bf16"] = ("bfloat16", {}, lambda call4=call4: call4(xb))
         out[f"{op}/dequant-uncached"] = ("float32", {"w4a16": "dequant", "uncached": True},
                                          lambda call4=call4: call4(x))  # fmt: skip

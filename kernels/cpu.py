@@ -17,6 +17,10 @@ Ops and their CPU paths ("ref" is the op's *_ref function itself, taken only whe
         int8pack     torch's _weight_int8pack_mm: bfloat16 x only (its float32 and float16 kernels are scalar
                      loops), K a multiple of 16 (other K crash or give wrong sums in torch 2.13); w_scale rounded to
                      bfloat16. Within the bfloat16 tolerance of the kernel tests, not bit for bit.
+        dequant_bf16 the reference's float32 weight rounded to bfloat16 and F.linear in bfloat16 (oneDNN's bfloat16
+                     GEMM, float32 sums): bfloat16 x only, for prefill, where a CPU with bfloat16 instructions runs
+                     it about twice as fast as float32. Within the bfloat16 tolerance of the kernel tests.
+                     Prepared weight: that bfloat16 weight (half the bytes of dequant's).
         native       native.c's calq_wxa16 (float32 x, at most 16 rows): the reference's products, summed in
                      another order (float32 rounding). No prepared weight.
     w4a16  int4_linear
@@ -28,13 +32,14 @@ Ops and their CPU paths ("ref" is the op's *_ref function itself, taken only whe
                      both group_size and K (a group_size of 128 with a ragged last group, K = 576, runs as g = 64
                      with each scale repeated). torch computes w = (q - 8) * scale + zero: zero = (8 - zeros) * scale,
                      both in bfloat16. Prepared weight: torch's packing and the scales and zeros.
+        dequant_bf16 as for w8a16: dequant's float32 weight rounded to bfloat16, bfloat16 x only.
         native       native.c's calq_wxa16 (float32 x, at most 16 rows), as for w8a16. Prepared weight: the codes
                      q - zero as int8 (a byte per weight) and the scales as float32.
 
 Decision, once per process and op (on the op's first CPU call, or at cpu_dispatch()): for decode (at most
 DECODE_MAX_M rows) and prefill, time the candidate matmuls on a small synthetic weight (interleaved, fastest of 9; some
 tens of milliseconds) and rank them, fastest first; a tie keeps the order listed. A call takes the first path of its
-regime's ranking that serves its x: int8pack and int4pack serve bfloat16 x only, native float32 x only (and is a
+regime's ranking that serves its x: int8pack, int4pack and dequant_bf16 serve bfloat16 x only, native float32 x only (and is a
 candidate for decode only, where native.py could build it: its build note is in the reasons); other dtypes skipping a
 path is by design, not a fallback. The environment variables CALQ_CPU_W8A8, CALQ_CPU_W8A16 and CALQ_CPU_W4A16 (a
 path name) force an op's path for the process; force_cpu_paths() forces it inside a with block (tests, benchmarks);
@@ -72,15 +77,16 @@ DECODE_MAX_M = native.MAX_ROWS
 
 PATHS: dict[str, tuple[str, ...]] = {
     "w8a8": ("int_mm", "float_exact", "native", "ref"),
-    "w8a16": ("dequant", "int8pack", "native", "ref"),
-    "w4a16": ("dequant", "int4pack", "native", "ref"),
+    "w8a16": ("dequant", "int8pack", "dequant_bf16", "native", "ref"),
+    "w4a16": ("dequant", "int4pack", "dequant_bf16", "native", "ref"),
 }
 """The CPU paths of each op, the first the default where timing ties."""
 
 GENERAL: dict[str, tuple[str, ...]] = {"w8a8": ("int_mm", "float_exact"), "w8a16": ("dequant",), "w4a16": ("dequant",)}
 """The paths of each op that serve any x (any float dtype, any rows): what a call falls back to."""
 
-SERVES: dict[str, torch.dtype] = {"int8pack": torch.bfloat16, "int4pack": torch.bfloat16, "native": torch.float32}
+SERVES: dict[str, torch.dtype] = {"int8pack": torch.bfloat16, "int4pack": torch.bfloat16, "dequant_bf16": torch.bfloat16,
+                                  "native": torch.float32}
 """The one x dtype a path serves, for the paths that do not serve every dtype."""
 
 ENV_VARS = {op: f"CALQ_CPU_{op.upper()}" for op in PATHS}
@@ -94,7 +100,7 @@ class CpuDispatch:
     capability: torch.backends.cpu.get_cpu_capability(), the vector ISA ATen's own kernels use (ATEN_CPU_CAPABILITY
     lowers it). features: what the hardware has (cpuinfo), which oneDNN and MKL use whatever the capability.
     order[op][regime]: op's paths for decode (<= DECODE_MAX_M rows) and prefill calls, fastest first: a call takes
-    the first that serves its x (int8pack and int4pack bfloat16 only, native float32 only; see SERVES).
+    the first that serves its x (int8pack, int4pack and dequant_bf16 bfloat16 only, native float32 only; see SERVES).
     paths[op][regime]: the first of order, the path of the x dtypes it serves.
     reasons[op]: why (the timings and native.py's build note, or what forced it). calls["op/path"]: calls that ran path.
     fallbacks["op/path -> other: why"]: calls whose planned path could not run. uncached["op/path"]: calls that

@@ -7,8 +7,8 @@ Weight layout (what the quantized linear module stores):
     w[n, k] = (q[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
 
 int4_linear runs the Triton kernel on CUDA tensors; on CPU the path kernels/cpu.py chose for this machine (the
-reference's dequantized weight, prepared once inside kernels.weight_cache, torch's bfloat16 int4 kernel, or native.c's
-decode kernel on int8 codes); on other devices the torch reference int4_linear_ref.
+reference's dequantized weight, prepared once inside kernels.weight_cache (in bfloat16 for bfloat16 prefill), torch's
+bfloat16 int4 kernel, or native.c's decode kernel on int8 codes); on other devices the torch reference int4_linear_ref.
 """
 
 import os
@@ -205,8 +205,10 @@ def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tenso
         if bias is not None:
             out.add_(bias)
         return out.view(*x.shape[:-1], n)
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # promote_types(x, float32)
-    w = _cpu.prepared(op, path, tensors, lambda: _dequantize_cpu(qweight, scales, zeros, group_size, k, dtype),
+    # dequant: the reference's weight in promote_types(x, float32); dequant_bf16: its float32 weight in bfloat16
+    dtype = torch.bfloat16 if path == "dequant_bf16" else torch.promote_types(x.dtype, torch.float32)
+    wide = torch.promote_types(dtype, torch.float32)
+    w = _cpu.prepared(op, path, tensors, lambda: _dequantize_cpu(qweight, scales, zeros, group_size, k, wide).to(dtype),
                       f"g{group_size}/{dtype}")  # fmt: skip
     out = F.linear(x if x.dtype == dtype else x.to(dtype), w, None if bias is None else bias.to(dtype))
     return out if out.dtype == x.dtype else out.to(x.dtype)

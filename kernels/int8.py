@@ -11,8 +11,8 @@ summed in int32, then scaled by the token and channel scales in float32.
 
 int8_linear and quantize_per_token run Triton kernels on CUDA tensors. On CPU int8_linear takes the path that
 kernels/cpu.py chose for this machine (torch._int_mm, exact float32 matmuls or native.c's fused decode kernel for
-W8A8, each bit for bit the reference; the reference's weight, torch's bfloat16 int8 kernel or native.c for W8A16);
-quantize_per_token and other devices run the references.
+W8A8, each bit for bit the reference; the reference's weight (in bfloat16 for bfloat16 prefill), torch's bfloat16
+int8 kernel or native.c for W8A16); quantize_per_token and other devices run the references.
 """
 
 import functools
@@ -217,8 +217,10 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
             if bias is not None:
                 out.add_(bias)
             return out.view(*x.shape[:-1], n)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        w = _cpu.prepared(op, path, (qweight, w_scale), lambda: qweight.to(dtype) * w_scale.to(dtype)[:, None],
+        # dequant: the reference's weight in promote_types(x, float32); dequant_bf16: its float32 weight in bfloat16
+        dtype = torch.bfloat16 if path == "dequant_bf16" else torch.promote_types(x.dtype, torch.float32)
+        wide = torch.promote_types(dtype, torch.float32)
+        w = _cpu.prepared(op, path, (qweight, w_scale), lambda: (qweight.to(wide) * w_scale.to(wide)[:, None]).to(dtype),
                           str(dtype))  # fmt: skip
         out = F.linear(x if x.dtype == dtype else x.to(dtype), w, None if bias is None else bias.to(dtype))
         return out if out.dtype == x.dtype else out.to(x.dtype)

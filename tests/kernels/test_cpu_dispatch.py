@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import calq_kernels as kernels
 from calq_kernels import (
@@ -371,6 +372,58 @@ def test_w4a16_int4pack_falls_back_where_it_does_not_apply(n, k, group_size):
     assert_bitwise(out, int4_linear_ref(x, qweight, scales, zeros, group_size))
     info = cpu_dispatch(decide=False)
     assert info.calls == {"w4a16/dequant": 1} and len(info.fallbacks) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# dequant_bf16: bfloat16 prefill on a bfloat16 weight (W8A16 and W4A16)
+# ----------------------------------------------------------------------------------------------
+
+
+def bf16_case(op: str, n: int, k: int, group_size: int):
+    """(call(x), reference(x), the reference's float32 weight) of a random op weight."""
+    if op == "w8a16":
+        qweight, w_scale = random_int8(n, k, seed=k)
+        weight = qweight.float() * w_scale[:, None]
+        return (lambda x, b: int8_linear(x, qweight, w_scale, b, act="none"),
+                lambda x, b: int8_linear_ref(x, qweight, w_scale, b, act="none"), weight)  # fmt: skip
+    qweight, scales, zeros = random_int4(n, k, group_size, seed=k)
+    weight = _dequantize_cpu(qweight, scales, zeros, group_size, k, torch.float32)
+    return (lambda x, b: int4_linear(x, qweight, scales, zeros, group_size, b),
+            lambda x, b: int4_linear_ref(x, qweight, scales, zeros, group_size, b), weight)  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["w8a16", "w4a16"])
+@pytest.mark.parametrize("shape,n,group_size", [((1, 40), 5, 32), ((17, 70), 33, 32), ((2, 130, 576), 16, 128)])
+def test_dequant_bf16_is_the_bfloat16_matmul_of_the_reference_weight(op, shape, n, group_size):
+    """Bit for bit F.linear in bfloat16 on the reference's float32 weight rounded to bfloat16, and within the
+    bfloat16 tolerance of the float64 reference; the bfloat16 weight is prepared once, then reused."""
+    call, ref, weight = bf16_case(op, n, shape[-1], group_size)
+    x = torch.randn(shape).bfloat16()
+    bias = torch.randn(n)
+    with force_cpu_paths(**{op: "dequant_bf16"}), weight_cache() as cache:
+        outs = [call(x, bias) for _ in range(2)]
+        assert cache.stats()["hits"] == 1 and cache.stats()["bytes"] == weight.numel() * 2
+    assert calls(op, "dequant_bf16") == 2
+    expected = F.linear(x, weight.bfloat16(), bias.bfloat16())
+    for out in outs:
+        assert_bitwise(out, expected)
+        assert rel_err(out, ref(x.double(), bias)) < 1e-2
+
+
+@pytest.mark.parametrize("op", ["w8a16", "w4a16"])
+def test_dequant_bf16_serves_bfloat16_only(op):
+    """Other x dtypes take the general path by design: bit for bit the reference, and no fallback counted."""
+    call, ref, _ = bf16_case(op, 16, 64, 32)
+    with force_cpu_paths(**{op: "dequant_bf16"}):
+        outs = {dtype: call(torch.randn(3, 64).to(dtype), None) for dtype in (torch.float32, torch.float16)}
+    for out in outs.values():
+        assert out.dtype in (torch.float32, torch.float16)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with force_cpu_paths(**{op: "dequant_bf16"}):
+        assert_bitwise(call(x, None), ref(x, None))
+        assert cpu.plan(op, 512, torch.bfloat16) == "dequant_bf16" and cpu.plan(op, 512, torch.float32) == "dequant"
+    info = cpu_dispatch(decide=False)
+    assert info.calls == {f"{op}/dequant": 3} and info.fallbacks == {}
 
 
 # ----------------------------------------------------------------------------------------------
