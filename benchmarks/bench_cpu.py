@@ -126,7 +126,7 @@ def linear_variants(m: int, n: int, k: int, gen: torch.Generator) -> dict[str, V
             return kernels.int8_linear(xx, qweight8, w_scale, act=act)
 
         for path in kernels.cpu.PATHS[op]:
-            if path != "int8pack":
+            if kernels.cpu.SERVES.get(path, torch.float32) == torch.float32:
                 out[f"{op}/{path}"] = ("float32", {op: path}, lambda call=call: call(x))
         out[f"{op}/auto"] = ("float32", {}, lambda call=call: call(x))
         if op == "w8a16":

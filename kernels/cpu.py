@@ -210,11 +210,13 @@ def _measure(op: str) -> tuple[dict[str, tuple[str, ...]], str]:
 
 
 def _measure_regimes(op: str) -> dict[str, tuple[int, dict[str, float]]]:
-    """The timings, in a weight cache of their own; the calls they make are not counted."""
+    """The timings, in a weight cache of their own; the calls they make are not counted. Outside inference mode
+    (the first call is often inside an evaluation's): its synthetic weights would be inference tensors, which the
+    cache does not keep, and every timed call would prepare its weight again."""
     out = {}
     counters = [(counter, counter.copy()) for counter in (_calls, _fallbacks, _uncached)]
     try:
-        with torch.no_grad(), weight_cache(2**28):
+        with torch.inference_mode(False), torch.no_grad(), weight_cache(2**28):
             for regime, m in (("decode", 1), ("prefill", 128)):
                 out[regime] = (m, _best_times(_candidates(op, m), 9))
     finally:

@@ -121,9 +121,9 @@ def prepare_kernels(model: nn.Module) -> None:
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:
     """How many quantized linears run which kernel path where they are: Triton (or cuBLAS for FP8) on CUDA, on CPU
-    the path the CPU dispatch chose for their op (kernels.cpu_dispatch)."""
+    the paths the CPU dispatch chose for their op and the model's activation dtype (kernels.cpu.plan)."""
     counts: dict[str, int] = {}
-    cpu = None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             if m.qweight.is_cuda:
@@ -131,9 +131,8 @@ def kernel_paths(model: nn.Module) -> dict[str, int]:
             elif m.op == "fp8":
                 key = "fp8: CPU reference (exact emulation)"
             else:
-                cpu = cpu or kernels.cpu_dispatch()
-                regimes = cpu.paths[m.op]
-                key = f"{m.op}: CPU {regimes['prefill']} (prefill), {regimes['decode']} (decode)"
+                prefill, decode = (kernels.cpu.plan(m.op, rows, dtype) for rows in (kernels.cpu.DECODE_MAX_M + 1, 1))
+                key = f"{m.op}: CPU {prefill} (prefill), {decode} (decode), {str(dtype).removeprefix('torch.')} x"
             counts[key] = counts.get(key, 0) + 1
     return counts
 

@@ -586,6 +586,35 @@ def test_measured_decision_picks_the_faster_path(monkeypatch):
         reset_cpu_dispatch()
 
 
+def test_the_decision_inside_inference_mode_times_cached_weights(monkeypatch):
+    """A first call inside inference_mode (as in an evaluation) still times each path on its cached prepared weight,
+    not on a weight prepared again in every call (which measured W4A16 decode 5-20x slow in a calq run)."""
+    seen = []
+    best_times = cpu._best_times
+
+    def spy(fns, reps):
+        cache = cpu._caches[-1]
+        before = cache.stats()["hits"]
+        out = best_times(fns, reps)
+        seen.append(cache.stats()["hits"] - before)
+        return out
+
+    monkeypatch.setattr(cpu, "_best_times", spy)
+    try:
+        reset_cpu_dispatch()
+        qweight, scales, zeros = random_int4(16, 64, 32)
+        with torch.inference_mode():
+            x = torch.randn(2, 64)
+            out = int4_linear(x, qweight, scales, zeros, 32)
+        assert out.is_inference()
+    finally:
+        monkeypatch.undo()
+        reset_cpu_dispatch()
+    assert len(seen) == 2  # decode and prefill
+    for hits in seen:  # every non-reference path but native prepares a weight: >= 2 warm-up + 3 timed hits each
+        assert hits >= 5 * (len(cpu.PATHS["w4a16"]) - 2)
+
+
 def test_autograd_takes_the_reference():
     qweight, scales, zeros = random_int4(16, 64, 32)
     x = torch.randn(2, 64, requires_grad=True)

@@ -181,6 +181,22 @@ def test_bfloat16_models_quantize_save_and_reload(family, tokenizer, tmp_path):
         assert torch.equal(back(input_ids=ids).logits, out)
 
 
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+def test_kernel_paths_name_what_runs_for_the_models_dtype(tiny_model):
+    """The report's CPU paths are those of the model's x dtype: int4pack serves bfloat16 x only, so a float32 model
+    runs dequant under the same forced path, and the counts say so."""
+    import calq_kernels as kernels
+
+    from quant.methods import kernel_paths
+
+    result = quantize_variant(tiny_model, QuantSpec(name="w4", scheme="W4A16_ASYM", weights={"group_size": 32}))
+    with kernels.force_cpu_paths(w4a16="int4pack"):
+        fp32 = kernel_paths(result.model)
+        bf16 = kernel_paths(result.model.to(torch.bfloat16))
+    assert fp32 == {"w4a16: CPU dequant (prefill), dequant (decode), float32 x": 14}
+    assert bf16 == {"w4a16: CPU int4pack (prefill), int4pack (decode), bfloat16 x": 14}
+
+
 def test_fp8_schemes_are_validated_when_the_recipe_loads():
     spec = QuantSpec(name="f", scheme="FP8_DYNAMIC", method="smoothquant")
     assert (spec.weights.type, spec.input_activations.type, spec.input_activations.dynamic) == ("float", "float", True)
