@@ -36,16 +36,17 @@ Ops and their CPU paths ("ref" is the op's *_ref function itself, taken only whe
         native       native.c's calq_wxa16 (float32 x, at most 16 rows), as for w8a16. Prepared weight: the codes
                      q - zero as int8 (a byte per weight) and the scales as float32.
 
-Decision, once per process and op (on the op's first CPU call, or at cpu_dispatch()): for decode (at most
-DECODE_MAX_M rows) and prefill, time the candidate matmuls on a small synthetic weight (interleaved, fastest of 9; some
-tens of milliseconds) and rank them, fastest first; a tie keeps the order listed. A call takes the first path of its
-regime's ranking that serves its x: int8pack, int4pack and dequant_bf16 serve bfloat16 x only, native float32 x only (and is a
-candidate for decode only, where native.py could build it: its build note is in the reasons); other dtypes skipping a
-path is by design, not a fallback. The environment variables CALQ_CPU_W8A8, CALQ_CPU_W8A16 and CALQ_CPU_W4A16 (a
-path name) force an op's path for the process; force_cpu_paths() forces it inside a with block (tests, benchmarks);
-a forced path that does not serve x's dtype gives way to the op's general paths. Where the planned path cannot run a
-call (a shape torch's kernel does not take, more rows than native takes, or autograd, which only the reference
-supports), the call runs a general path (or ref) and is counted as a fallback.
+Decision, once per process and op (on the op's first CPU call, or at cpu_dispatch()): for each regime (REGIMES:
+decode, at most DECODE_MAX_M rows, or prefill; float32 x, or bfloat16 x, whose paths and costs differ), time the paths
+that serve its x on a small synthetic weight (whole calls, interleaved, fastest of 9; some tens of milliseconds) and
+rank them, fastest first; a tie keeps the order listed. int8pack, int4pack and dequant_bf16 serve bfloat16 x only,
+native float32 x only (and is a candidate for decode only, where native.py could build it: its build note is in the
+reasons). A call takes the first path of its regime's ranking that serves its x (float16 and float64 x: the float32
+ranking); other dtypes skipping a path is by design, not a fallback. The environment variables CALQ_CPU_W8A8,
+CALQ_CPU_W8A16 and CALQ_CPU_W4A16 (a path name) force an op's path for the process; force_cpu_paths() forces it inside
+a with block (tests, benchmarks); a forced path that does not serve x's dtype gives way to the op's general paths.
+Where the planned path cannot run a call (a shape torch's kernel does not take, more rows than native takes, or
+autograd, which only the reference supports), the call runs a general path (or ref) and is counted as a fallback.
 
 Prepared weights are kept only inside `with weight_cache(max_bytes):` (an LRU bounded by max_bytes, keyed by the
 weight tensors, their versions and storage, emptied when the block ends); outside one, each call prepares its weight
@@ -90,7 +91,15 @@ SERVES: dict[str, torch.dtype] = {"int8pack": torch.bfloat16, "int4pack": torch.
 """The one x dtype a path serves, for the paths that do not serve every dtype."""
 
 ENV_VARS = {op: f"CALQ_CPU_{op.upper()}" for op in PATHS}
-_REGIMES = ("decode", "prefill")
+REGIMES: dict[str, tuple[int, torch.dtype]] = {"decode": (1, torch.float32), "prefill": (128, torch.float32),
+                                               "decode bf16": (1, torch.bfloat16), "prefill bf16": (128, torch.bfloat16)}
+"""The regimes each op's paths are ranked for, and the rows and x dtype they are timed with."""
+
+
+def regime(m: int, dtype: Optional[torch.dtype] = None) -> str:
+    """The regime of a call of m rows of x in dtype."""
+    name = "decode" if m <= DECODE_MAX_M else "prefill"
+    return f"{name} bf16" if dtype == torch.bfloat16 else name
 
 
 @dataclass(frozen=True)
@@ -99,9 +108,9 @@ class CpuDispatch:
 
     capability: torch.backends.cpu.get_cpu_capability(), the vector ISA ATen's own kernels use (ATEN_CPU_CAPABILITY
     lowers it). features: what the hardware has (cpuinfo), which oneDNN and MKL use whatever the capability.
-    order[op][regime]: op's paths for decode (<= DECODE_MAX_M rows) and prefill calls, fastest first: a call takes
-    the first that serves its x (int8pack, int4pack and dequant_bf16 bfloat16 only, native float32 only; see SERVES).
-    paths[op][regime]: the first of order, the path of the x dtypes it serves.
+    order[op][regime]: op's paths for each of REGIMES (decode or prefill, float32 or bfloat16 x), fastest first: a
+    call takes the first that serves its x (int8pack, int4pack and dequant_bf16 bfloat16 only, native float32 only).
+    paths[op][regime]: the first of order.
     reasons[op]: why (the timings and native.py's build note, or what forced it). calls["op/path"]: calls that ran path.
     fallbacks["op/path -> other: why"]: calls whose planned path could not run. uncached["op/path"]: calls that
     prepared their weight because no weight_cache was active (or it could not hold the weight).
@@ -126,8 +135,8 @@ class CpuDispatch:
         features = ", ".join(name for name, on in self.features.items() if on) or "none"
         lines = [f"CPU kernels: capability {self.capability} ({features})"]
         for op, regimes in self.order.items():
-            order = {regime: " > ".join(paths) for regime, paths in regimes.items()}
-            lines.append(f"  {op}: decode {order['decode']}, prefill {order['prefill']} ({self.reasons[op]})")
+            order = ", ".join(f"{regime} {' > '.join(paths)}" for regime, paths in regimes.items())
+            lines.append(f"  {op}: {order} ({self.reasons[op]})")
         for title, counts in (("calls", self.calls), ("fallbacks", self.fallbacks), ("uncached", self.uncached)):
             if counts:
                 lines.append(f"  {title}: " + ", ".join(f"{key} {n}" for key, n in sorted(counts.items())))
@@ -179,21 +188,22 @@ def _best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, fl
     return best
 
 
-CALLS: dict[str, Callable[[str, int], Callable[[], object]]] = {}
-"""op -> make(path, m): a whole call of op forced onto path, for m rows on a synthetic 512 x 512 weight, x in the
-dtype path serves (float32 for the general paths). Registered by int8.py and int4.py; what the decision times, so
-that each path pays what a call pays (W8A8's quantization, the casts, the cache lookup)."""
+CALLS: dict[str, Callable[[str, int, torch.dtype], Callable[[], object]]] = {}
+"""op -> make(path, m, dtype): a whole call of op forced onto path, for m rows of x in dtype on a synthetic 512 x 512
+weight. Registered by int8.py and int4.py; what the decision times, so that each path pays what a call pays (W8A8's
+quantization, the casts, the cache lookup)."""
 
 
-def _candidates(op: str, m: int) -> dict[str, Callable[[], object]]:
-    """The timed call of each non-reference path of op for m rows (native only for decode, where it was built)."""
+def _candidates(op: str, m: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """The timed call of each non-reference path of op that serves m rows of x in dtype (native: decode, if built)."""
     use_native = m <= DECODE_MAX_M and native.build().lib is not None
-    paths = [p for p in PATHS[op] if p != "ref" and (p != "native" or use_native)]
-    return {path: CALLS[op](path, m) for path in paths}
+    paths = [p for p in PATHS[op]
+             if p != "ref" and SERVES.get(p, dtype) == dtype and (p != "native" or use_native)]  # fmt: skip
+    return {path: CALLS[op](path, m, dtype) for path in paths}
 
 
 def _measure(op: str) -> tuple[dict[str, tuple[str, ...]], str]:
-    """Time op's candidate paths for decode (1 row) and prefill (128 rows); rank them per regime, fastest first."""
+    """Time op's candidate paths for each of REGIMES; rank them per regime, fastest first."""
     order, notes = {}, []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on one thread: a parallel region waiting on a descheduled thread would decide it
@@ -205,7 +215,7 @@ def _measure(op: str) -> tuple[dict[str, tuple[str, ...]], str]:
         listed = list(times)
         order[regime] = tuple(sorted(times, key=lambda name: (times[name], listed.index(name))))
         timing = " vs ".join(f"{name} {t * 1e3:.3f} ms" for name, t in times.items())
-        notes.append(f"{regime} M={m}: {timing}")
+        notes.append(f"{regime} M={m}: {timing if len(times) > 1 else f'{listed[0]}, the only path'}")
     return order, f"measured on one thread, a 512x512 weight: {'; '.join(notes)}; native: {native.build().note}"
 
 
@@ -217,8 +227,9 @@ def _measure_regimes(op: str) -> dict[str, tuple[int, dict[str, float]]]:
     counters = [(counter, counter.copy()) for counter in (_calls, _fallbacks, _uncached)]
     try:
         with torch.inference_mode(False), torch.no_grad(), weight_cache(2**28):
-            for regime, m in (("decode", 1), ("prefill", 128)):
-                out[regime] = (m, _best_times(_candidates(op, m), 9))
+            for name, (m, dtype) in REGIMES.items():
+                fns = _candidates(op, m, dtype)
+                out[name] = (m, _best_times(fns, 9) if len(fns) > 1 else dict.fromkeys(fns, 0.0))
     finally:
         for counter, saved in counters:
             counter.clear()
@@ -232,7 +243,7 @@ def _decide(op: str) -> tuple[dict[str, str], str]:
             env = os.environ.get(ENV_VARS[op], "").strip()
             if env:
                 order = _forced_order(op, _check_path(op, env, ENV_VARS[op]))
-                _decided[op] = ({regime: order for regime in _REGIMES}, f"forced by {ENV_VARS[op]}={env}")
+                _decided[op] = ({name: order for name in REGIMES}, f"forced by {ENV_VARS[op]}={env}")
             else:
                 _decided[op] = _measure(op)
         return _decided[op]
@@ -252,15 +263,16 @@ def plan(op: str, m: int, dtype: Optional[torch.dtype] = None) -> str:
             break
     else:
         decided = _decided.get(op) or _decide(op)
-        order = decided[0]["decode" if m <= DECODE_MAX_M else "prefill"]
+        order = decided[0][regime(m, dtype)]
     if dtype is None:
         return order[0]
     return next(p for p in order if SERVES.get(p, dtype) == dtype)
 
 
 def general(op: str, m: int) -> str:
-    """The fastest of op's general paths for m rows (serving any x): where a planned path cannot run a call."""
-    order = (_decided.get(op) or _decide(op))[0]["decode" if m <= DECODE_MAX_M else "prefill"]
+    """The fastest of op's general paths for m rows of float32 x (serving any x): where a planned path cannot run a
+    call."""
+    order = (_decided.get(op) or _decide(op))[0][regime(m)]
     return next((p for p in order if p in GENERAL[op]), GENERAL[op][0])
 
 
@@ -281,10 +293,10 @@ def cpu_dispatch(decide: bool = True) -> CpuDispatch:
         if decide or op in _decided:
             regimes, reason = _decide(op)
         else:
-            regimes, reason = {regime: ("undecided",) for regime in _REGIMES}, "not used yet"
+            regimes, reason = {name: ("undecided",) for name in REGIMES}, "not used yet"
         for forced in _forced:
             if op in forced:
-                regimes = {regime: _forced_order(op, forced[op]) for regime in _REGIMES}
+                regimes = {name: _forced_order(op, forced[op]) for name in REGIMES}
                 reason = "forced by force_cpu_paths"
         orders[op], reasons[op] = dict(regimes), reason
     cache = _caches[-1].stats() if _caches else None

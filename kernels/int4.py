@@ -214,14 +214,14 @@ def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tenso
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _timed_call(path: str, m: int) -> Callable[[], torch.Tensor]:
-    """int4_linear (group size 64) forced onto CPU path for m rows of a synthetic 512 x 512 weight: what
-    kernels/cpu.py times."""
+def _timed_call(path: str, m: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """int4_linear (group size 64) forced onto CPU path for m rows of x in dtype on a synthetic 512 x 512 weight:
+    what kernels/cpu.py times."""
     gen = torch.Generator().manual_seed(0)
     qweight = pack_int4(torch.randint(0, 16, (512, 512), dtype=torch.uint8, generator=gen))
     scales = torch.rand(512, 8, generator=gen) * 0.01
     zeros = torch.randint(0, 16, (512, 8), dtype=torch.uint8, generator=gen)
-    x = torch.randn(m, 512, generator=gen).to(_cpu.SERVES.get(path, torch.float32))
+    x = torch.randn(m, 512, generator=gen).to(dtype)
 
     def call() -> torch.Tensor:
         with _cpu.force_cpu_paths(w4a16=path):

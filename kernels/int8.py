@@ -234,12 +234,13 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
     return _scale_sums(sums, scale, w_scale, bias, x.dtype).view(*x.shape[:-1], n)
 
 
-def _timed_call(act: str, path: str, m: int) -> Callable[[], torch.Tensor]:
-    """int8_linear (act) forced onto CPU path for m rows of a synthetic 512 x 512 weight: what kernels/cpu.py times."""
+def _timed_call(act: str, path: str, m: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """int8_linear (act) forced onto CPU path for m rows of x in dtype on a synthetic 512 x 512 weight: what
+    kernels/cpu.py times."""
     gen = torch.Generator().manual_seed(0)
     qweight = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=gen)
     w_scale = torch.rand(512, generator=gen) * 0.01
-    x = torch.randn(m, 512, generator=gen).to(_cpu.SERVES.get(path, torch.float32))
+    x = torch.randn(m, 512, generator=gen).to(dtype)
     forced = {"w8a16" if act == "none" else "w8a8": path}
 
     def call() -> torch.Tensor:

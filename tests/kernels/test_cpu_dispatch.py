@@ -542,7 +542,7 @@ def test_environment_variable_forces_a_path(monkeypatch):
         monkeypatch.setenv("CALQ_CPU_W8A8", "float_exact")
         reset_cpu_dispatch()
         info = cpu_dispatch()
-        assert info.paths["w8a8"] == {"decode": "float_exact", "prefill": "float_exact"}
+        assert info.paths["w8a8"] == dict.fromkeys(cpu.REGIMES, "float_exact")
         assert "CALQ_CPU_W8A8" in info.reasons["w8a8"]
         monkeypatch.setenv("CALQ_CPU_W4A16", "fastest")
         reset_cpu_dispatch()
@@ -570,14 +570,14 @@ def test_measured_decision_picks_the_faster_path(monkeypatch):
         monkeypatch.setattr(torch, "_int_mm", slow_int_mm)
         reset_cpu_dispatch()
         info = cpu_dispatch()
-        assert torch_paths(info) == {"decode": "float_exact", "prefill": "float_exact"}, info.reasons["w8a8"]
+        assert torch_paths(info) == dict.fromkeys(cpu.REGIMES, "float_exact"), info.reasons["w8a8"]
         assert cpu.general("w8a8", 1) == "float_exact" and "native" not in info.order["w8a8"]["prefill"]
         mm = torch.mm
         monkeypatch.setattr(torch, "_int_mm", int_mm)
         monkeypatch.setattr(torch, "mm", lambda a, b: (time.sleep(0.02), mm(a, b))[1])
         reset_cpu_dispatch()
         info = cpu_dispatch()
-        assert torch_paths(info) == {"decode": "int_mm", "prefill": "int_mm"}, info.reasons["w8a8"]
+        assert torch_paths(info) == dict.fromkeys(cpu.REGIMES, "int_mm"), info.reasons["w8a8"]
         assert cpu.general("w8a8", 1000) == "int_mm"
         if kernels.native.build().lib is not None:  # one sleeping op of three: native is ranked first for decode
             assert info.order["w8a8"]["decode"][0] == "native", info.reasons["w8a8"]
@@ -596,7 +596,7 @@ def test_the_decision_inside_inference_mode_times_cached_weights(monkeypatch):
         cache = cpu._caches[-1]
         before = cache.stats()["hits"]
         out = best_times(fns, reps)
-        seen.append(cache.stats()["hits"] - before)
+        seen.append((len(fns), cache.stats()["hits"] - before))
         return out
 
     monkeypatch.setattr(cpu, "_best_times", spy)
@@ -610,9 +610,39 @@ def test_the_decision_inside_inference_mode_times_cached_weights(monkeypatch):
     finally:
         monkeypatch.undo()
         reset_cpu_dispatch()
-    assert len(seen) == 2  # decode and prefill
-    for hits in seen:  # every non-reference path but native prepares a weight: >= 2 warm-up + 3 timed hits each
-        assert hits >= 5 * (len(cpu.PATHS["w4a16"]) - 2)
+    assert len(seen) == 3  # the regimes with more than one path: decode, decode bf16, prefill bf16
+    for paths, hits in seen:  # every W4A16 path prepares a weight: >= 2 warm-up + 3 timed calls, hits but the first
+        assert paths >= 2 and hits >= 4 * paths
+
+
+def test_bfloat16_x_is_ranked_on_bfloat16_timings(monkeypatch):
+    """bfloat16 x has its own regimes, timed with bfloat16 x over the paths that serve it (dequant then pays its casts
+    to float32 and back): on an AVX2 machine one float32 ranking sent bfloat16 decode to dequant at 1.25x fp32 while
+    int8pack and dequant_bf16 took 0.6-0.75x. A regime with a single path is not timed."""
+    made = []
+    for op, make in dict(cpu.CALLS).items():
+        monkeypatch.setitem(cpu.CALLS, op, lambda path, m, dtype, op=op, make=make: (made.append((op, path, m, dtype)),
+                                                                                  make(path, m, dtype))[1])  # fmt: skip
+    try:
+        reset_cpu_dispatch()
+        info = cpu_dispatch()
+        timed = {(op, m, dtype): {p for o, p, rows, d in made if (o, rows, d) == (op, m, dtype)}
+                 for op in cpu.PATHS for m, dtype in cpu.REGIMES.values()}  # fmt: skip
+        native = {"native"} if kernels.native.build().lib is not None else set()
+        assert timed["w4a16", 1, torch.bfloat16] == timed["w4a16", 128, torch.bfloat16] == {
+            "dequant", "int4pack", "dequant_bf16"}
+        assert timed["w8a16", 1, torch.float32] == {"dequant"} | native
+        assert "prefill M=128: dequant, the only path" in info.reasons["w8a16"]
+        assert timed["w8a8", 1, torch.bfloat16] == {"int_mm", "float_exact"}
+        cpu._decided["w4a16"] = ({"decode": ("native", "dequant"), "prefill": ("dequant",),
+                                  "decode bf16": ("int4pack", "dequant", "dequant_bf16"),
+                                  "prefill bf16": ("dequant_bf16", "dequant", "int4pack")}, "set by the test")  # fmt: skip
+        assert [cpu.plan("w4a16", 1, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)] == [
+            "native", "int4pack", "dequant"]
+        assert cpu.plan("w4a16", 512, torch.bfloat16) == "dequant_bf16" and cpu.plan("w4a16", 512) == "dequant"
+    finally:
+        monkeypatch.undo()
+        reset_cpu_dispatch()
 
 
 def test_autograd_takes_the_reference():
