@@ -194,11 +194,23 @@ weight. Registered by int8.py and int4.py; what the decision times, so that each
 quantization, the casts, the cache lookup)."""
 
 
+UNAVAILABLE: dict[str, Callable[[], Optional[str]]] = {}
+"""'op/path' -> a check of this machine: why the path cannot serve here, None when it can (native's is its build).
+Registered by int8.py (torch._int_mm's exactness). A path left out is not timed, and the reasons say why."""
+
+
+def _left_out(op: str) -> dict[str, str]:
+    """op's paths that cannot serve on this machine (UNAVAILABLE), and why."""
+    checks = {path: UNAVAILABLE.get(f"{op}/{path}") for path in PATHS[op]}
+    return {path: why for path, check in checks.items() if check is not None and (why := check()) is not None}
+
+
 def _candidates(op: str, m: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     """The timed call of each non-reference path of op that serves m rows of x in dtype (native: decode, if built)."""
     use_native = m <= DECODE_MAX_M and native.build().lib is not None
-    paths = [p for p in PATHS[op]
-             if p != "ref" and SERVES.get(p, dtype) == dtype and (p != "native" or use_native)]  # fmt: skip
+    left_out = _left_out(op)
+    paths = [p for p in PATHS[op] if p != "ref" and p not in left_out and SERVES.get(p, dtype) == dtype
+             and (p != "native" or use_native)]  # fmt: skip
     return {path: CALLS[op](path, m, dtype) for path in paths}
 
 
@@ -216,6 +228,7 @@ def _measure(op: str) -> tuple[dict[str, tuple[str, ...]], str]:
         order[regime] = tuple(sorted(times, key=lambda name: (times[name], listed.index(name))))
         timing = " vs ".join(f"{name} {t * 1e3:.3f} ms" for name, t in times.items())
         notes.append(f"{regime} M={m}: {timing if len(times) > 1 else f'{listed[0]}, the only path'}")
+    notes += [f"left out {path}: {why}" for path, why in _left_out(op).items()]
     return order, f"measured on one thread, a 512x512 weight: {'; '.join(notes)}; native: {native.build().note}"
 
 

@@ -99,12 +99,26 @@ def int8_linear_ref(
 
 
 def _int_matmul(q: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
-    """Exact int32 (..., K) x (N, K)^T. On CPU torch._int_mm is exact, except for K = 1, where torch 2.13's oneDNN
-    path returns uninitialized memory; elsewhere (and for K = 1) float64 is exact for |sums| < 2**53 and takes any
-    shape."""
-    if q.device.type == "cpu" and q.shape[-1] > 1:
+    """Exact int32 (..., K) x (N, K)^T. On CPU torch._int_mm where it is exact (int_mm_exact), except for K = 1, where
+    torch 2.13's oneDNN path returns uninitialized memory; elsewhere (and for K = 1) float64 is exact for
+    |sums| < 2**53 and takes any shape."""
+    if q.device.type == "cpu" and q.shape[-1] > 1 and int_mm_exact():
         return torch._int_mm(q.reshape(-1, q.shape[-1]), qweight.T).reshape(*q.shape[:-1], -1)
     return (q.double() @ qweight.double().T).to(torch.int32)
+
+
+@functools.cache
+def int_mm_exact() -> bool:
+    """Whether torch._int_mm sums int8 products exactly on this CPU (checked once, on extreme codes). oneDNN's int8
+    kernels without VNNI add pairs of u8 x s8 products in saturating int16 (vpmaddubsw): where torch still routes
+    _int_mm to them (oneDNN capped with ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU) sums are off by up to 1.3e5 at K=576."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.where(torch.rand(17, 512, generator=gen) < 0.5, 127, -127).to(torch.int8)
+    w = torch.randint(-128, 128, (64, 512), dtype=torch.int8, generator=gen)
+    return torch.equal(torch._int_mm(q, w.T).double(), q.double() @ w.double().T)
+
+
+_INT_MM_INEXACT = "torch._int_mm is not exact on this CPU (oneDNN's int8 kernels without VNNI saturate)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +238,8 @@ def _int8_linear_cpu(x, qweight, w_scale, bias, act, act_scale) -> torch.Tensor:
                           str(dtype))  # fmt: skip
         out = F.linear(x if x.dtype == dtype else x.to(dtype), w, None if bias is None else bias.to(dtype))
         return out if out.dtype == x.dtype else out.to(x.dtype)
+    if path == "int_mm" and not int_mm_exact():
+        path, why = "float_exact", _INT_MM_INEXACT
     _cpu.record(op, path, planned, why)
     q, scale = _quantize_float(x.reshape(-1, k), act_scale if act == "static" else None)
     if path == "int_mm":
@@ -251,6 +267,7 @@ def _timed_call(act: str, path: str, m: int, dtype: torch.dtype) -> Callable[[],
 
 
 _cpu.CALLS["w8a8"] = functools.partial(_timed_call, "dynamic")
+_cpu.UNAVAILABLE["w8a8/int_mm"] = lambda: None if int_mm_exact() else _INT_MM_INEXACT
 _cpu.CALLS["w8a16"] = functools.partial(_timed_call, "none")
 
 

@@ -670,6 +670,35 @@ def test_cpu_dispatch_reports_everything():
     assert info.capability in text and "w4a16: decode" in text and "calls: w8a8/" in text
 
 
+def test_an_inexact_int_mm_is_left_out_and_the_reference_stays_exact(monkeypatch):
+    """Where torch._int_mm does not sum exactly (oneDNN capped below VNNI saturates int16 pair sums: off by up to
+    1.3e5), the reference computes in float64, the decision leaves int_mm out, and a forced int_mm runs float_exact,
+    counted."""
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: int_mm(a, b).clamp(-2**15, 2**15 - 1))  # saturating sums
+    kernels.int8.int_mm_exact.cache_clear()
+    try:
+        reset_cpu_dispatch()
+        assert not kernels.int8.int_mm_exact()
+        qweight = torch.full((8, 576), 127, dtype=torch.int8)
+        x = torch.ones(3, 576)  # every sum 127 * 127 * 576 = 9290304: int16 pairs saturate
+        ref = int8_linear_ref(x, qweight, torch.ones(8))
+        torch.testing.assert_close(ref, torch.full((3, 8), 127.0 * 576), rtol=1e-6, atol=0)  # saturated: 258
+        info = cpu_dispatch()
+        assert all("int_mm" not in order for order in info.order["w8a8"].values())
+        assert "left out int_mm: torch._int_mm is not exact" in info.reasons["w8a8"]
+        with force_cpu_paths(w8a8="int_mm"):
+            assert_bitwise(int8_linear(x, qweight, torch.ones(8)), ref)
+        assert list(cpu_dispatch(decide=False).fallbacks) == [
+            "w8a8/int_mm -> float_exact: torch._int_mm is not exact on this CPU (oneDNN's int8 kernels without VNNI "
+            "saturate)"]
+    finally:
+        monkeypatch.undo()
+        kernels.int8.int_mm_exact.cache_clear()
+        reset_cpu_dispatch()
+    assert kernels.int8.int_mm_exact()
+
+
 def test_reference_int32_matmul_is_exact_for_k_1():
     """torch._int_mm on CPU returns uninitialized memory for K = 1 (torch 2.13, oneDNN): the reference avoids it."""
     qweight, w_scale = random_int8(5, 1)
