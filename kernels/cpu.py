@@ -96,6 +96,12 @@ REGIMES: dict[str, tuple[int, torch.dtype]] = {"decode": (1, torch.float32), "pr
 """The regimes each op's paths are ranked for, and the rows and x dtype they are timed with."""
 
 
+def dequant_dtype(path: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the weight and matmul of a dequant path for x in dtype: dequant the reference's,
+    promote_types(x, float32); dequant_bf16 bfloat16 (the float32 weight, rounded)."""
+    return torch.bfloat16 if path == "dequant_bf16" else torch.promote_types(dtype, torch.float32)
+
+
 def regime(m: int, dtype: Optional[torch.dtype] = None) -> str:
     """The regime of a call of m rows of x in dtype."""
     name = "decode" if m <= DECODE_MAX_M else "prefill"
@@ -194,9 +200,11 @@ weight. Registered by int8.py and int4.py; what the decision times, so that each
 quantization, the casts, the cache lookup)."""
 
 
-UNAVAILABLE: dict[str, Callable[[], Optional[str]]] = {}
-"""'op/path' -> a check of this machine: why the path cannot serve here, None when it can (native's is its build).
-Registered by int8.py (torch._int_mm's exactness). A path left out is not timed, and the reasons say why."""
+UNAVAILABLE: dict[str, Callable[[], Optional[str]]] = {
+    f"{op}/native": lambda: None if native.build().lib is not None else "not built (see native: below)" for op in PATHS
+}
+"""'op/path' -> a check of this machine: why the path cannot serve here, None when it can. native's is its build;
+int8.py registers torch._int_mm's exactness. A path left out is not timed, and the reasons say why."""
 
 
 def _left_out(op: str) -> dict[str, str]:
@@ -206,11 +214,10 @@ def _left_out(op: str) -> dict[str, str]:
 
 
 def _candidates(op: str, m: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
-    """The timed call of each non-reference path of op that serves m rows of x in dtype (native: decode, if built)."""
-    use_native = m <= DECODE_MAX_M and native.build().lib is not None
+    """The timed call of each non-reference path of op that serves m rows of x in dtype here (native: decode only)."""
     left_out = _left_out(op)
     paths = [p for p in PATHS[op] if p != "ref" and p not in left_out and SERVES.get(p, dtype) == dtype
-             and (p != "native" or use_native)]  # fmt: skip
+             and (p != "native" or m <= DECODE_MAX_M)]  # fmt: skip
     return {path: CALLS[op](path, m, dtype) for path in paths}
 
 

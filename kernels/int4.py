@@ -205,8 +205,7 @@ def _int4_linear_cpu(x, qweight, scales, zeros, group_size, bias) -> torch.Tenso
         if bias is not None:
             out.add_(bias)
         return out.view(*x.shape[:-1], n)
-    # dequant: the reference's weight in promote_types(x, float32); dequant_bf16: its float32 weight in bfloat16
-    dtype = torch.bfloat16 if path == "dequant_bf16" else torch.promote_types(x.dtype, torch.float32)
+    dtype = _cpu.dequant_dtype(path, x.dtype)
     wide = torch.promote_types(dtype, torch.float32)
     w = _cpu.prepared(op, path, tensors, lambda: _dequantize_cpu(qweight, scales, zeros, group_size, k, wide).to(dtype),
                       f"g{group_size}/{dtype}")  # fmt: skip
